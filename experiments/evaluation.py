@@ -1,0 +1,131 @@
+"""Metrics, ground-truth arrays and plots of the evaluate stage (``metrics.json`` keys are in the README)."""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import ot  # noqa: E402
+import torch  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from scones.metrics.bw_uvp import bw_uvp_samples  # noqa: E402
+from scones.ot.gaussian import entropic_conditional, entropic_joint_covariance  # noqa: E402
+from scones.ot.regularizers import KL  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+def gaussian_truth(source, target, regularizer, cost) -> dict | None:
+    """Closed-form plan when both sides are Gaussian, cost = ‖x−y‖² summed and the regulariser is KL."""
+    if not (hasattr(source, "cov_np") and hasattr(target, "cov_np")):
+        return None
+    if not isinstance(regularizer, KL) or getattr(cost, "reduction", None) != "sum":
+        return None
+    return {"source_cov": source.cov_np, "target_cov": target.cov_np, "lam": float(regularizer.lam)}
+
+
+def ground_truth_arrays(source, target, regularizer, cost) -> dict:
+    truth = gaussian_truth(source, target, regularizer, cost)
+    return {} if truth is None else {k: np.asarray(v) for k, v in truth.items()}
+
+
+def coupling_metrics(cfg: DictConfig, source, target, cost, regularizer, x: torch.Tensor, ys: dict, g) -> dict:
+    """Per method: mean transport cost, sliced-W2 of the y-marginal to the target, and BW-UVP when exact."""
+    n = x.shape[0]
+    y_ref = target.sample(n, generator=g)
+    flat = lambda t: t.reshape(t.shape[0], -1).double().numpy()  # noqa: E731
+    out: dict = {"methods": {}}
+    truth = gaussian_truth(source, target, regularizer, cost)
+    if truth is not None:
+        sigma = entropic_joint_covariance(truth["source_cov"], truth["target_cov"], truth["lam"])
+        cond = entropic_conditional(truth["source_cov"], truth["target_cov"], truth["lam"])
+        rng = np.random.default_rng(int(cfg.seed))
+        ys = dict(ys, exact=torch.from_numpy(cond.sample(flat(x), rng)).float())
+    for name, y in ys.items():
+        m = {
+            "mean_cost": float(cost(x, y).mean()),
+            "target_sliced_w2": float(
+                ot.sliced_wasserstein_distance(flat(y), flat(y_ref), n_projections=200, seed=int(cfg.seed))
+            ),
+        }
+        if truth is not None:
+            m["bw_uvp"] = bw_uvp_samples(np.hstack([flat(x), flat(y)]), sigma)
+        out["methods"][name] = m
+    if truth is not None:
+        out["ground_truth"] = {"kind": "gaussian_closed_form", "lam": truth["lam"], "dim": int(sigma.shape[0] // 2)}
+    return out
+
+
+def _read_curves(stage_dir: Path) -> dict[str, tuple[list, list]]:
+    f = stage_dir / "logs" / "version_0" / "metrics.csv"
+    if not f.exists():
+        return {}
+    curves: dict[str, tuple[list, list]] = {}
+    with open(f) as fh:
+        for row in csv.DictReader(fh):
+            for k, v in row.items():
+                if k in ("step", "epoch") or v in ("", None):
+                    continue
+                steps, vals = curves.setdefault(k, ([], []))
+                steps.append(int(float(row["step"])))
+                vals.append(float(v))
+    return curves
+
+
+def plot_training_curves(run_dir: Path, stages: dict) -> None:
+    panels = []
+    for name, st in stages.items():
+        if st is None:
+            continue
+        for metric, (steps, vals) in _read_curves(st.dir).items():
+            panels.append((f"{name}: {metric}", steps, vals))
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+    for ax, (title, steps, vals) in zip(axes[0], panels, strict=True):
+        ax.plot(steps, vals, lw=1)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step")
+        if "mean_H" in title:
+            ax.axhline(1.0, color="k", ls="--", lw=0.8)
+    fig.tight_layout()
+    fig.savefig(run_dir / "training_curves.png", dpi=110)
+    plt.close(fig)
+
+
+def plot_couplings(run_dir: Path, x, y, y_bp, y_target, n_lines: int = 60) -> None:
+    """Source, target, SCONES and BP couplings (first two coordinates; lines join x to y)."""
+    x, y, y_bp, y_target = (t.reshape(t.shape[0], -1)[:, :2].numpy() for t in (x, y, y_bp, y_target))
+    fig, axes = plt.subplots(1, 4, figsize=(16, 4), sharex=True, sharey=True)
+    axes[0].scatter(x[:, 0], x[:, 1], s=2, c="tab:blue")
+    axes[0].set_title("source p")
+    axes[1].scatter(y_target[:, 0], y_target[:, 1], s=2, c="tab:orange")
+    axes[1].set_title("target q")
+    for ax, yy, title in ((axes[2], y, "SCONES coupling"), (axes[3], y_bp, "BP coupling")):
+        ax.scatter(y_target[:, 0], y_target[:, 1], s=1, c="0.85")
+        ax.scatter(yy[:, 0], yy[:, 1], s=2, c="tab:red")
+        k = min(n_lines, len(x))
+        segs = np.stack([x[:k], yy[:k]], axis=1)
+        for s in segs:
+            ax.plot(s[:, 0], s[:, 1], c="tab:green", lw=0.4, alpha=0.6)
+        ax.scatter(x[:k, 0], x[:k, 1], s=6, c="tab:blue")
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(run_dir / "couplings.png", dpi=110)
+    plt.close(fig)
+
+
+def save_plots(cfg: DictConfig, run_dir: Path, x, y, y_bp, y_target, stages: dict) -> None:
+    try:
+        plot_training_curves(run_dir, stages)
+        if x.dim() == 2:
+            plot_couplings(run_dir, x, y, y_bp, y_target)
+    except Exception as e:  # plots must never lose finished metrics
+        log.warning("plotting failed: %s", e)

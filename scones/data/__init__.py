@@ -1,0 +1,10 @@
+from scones.data.distributions import (
+    Distribution,
+    Gaussian,
+    GaussianMixture,
+    RandomGaussian,
+    StandardGaussian,
+    SwissRoll,
+)
+
+__all__ = ["Distribution", "Gaussian", "GaussianMixture", "RandomGaussian", "StandardGaussian", "SwissRoll"]

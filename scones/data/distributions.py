@@ -1,0 +1,160 @@
+"""Distributions on R^d used as SCONES source/target measures.
+
+Protocol (all a SCONES stage needs; plug your own class in with Hydra ``_target_``):
+
+- ``dim``: int, or ``shape``: tuple for images (``dim`` = product of ``shape``);
+- ``sample(n, generator=None) -> Tensor (n, *shape)``, float32;
+- optional ``score(y) -> Tensor``: exact ∇ log density (used instead of a learned score);
+- optional ``log_prob(y) -> Tensor (n,)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numpy.typing import ArrayLike
+import torch
+from torch import Tensor
+
+from scones.ot.gaussian import covariance_pair
+
+
+class Distribution:
+    """Base class of a sampleable distribution on R^dim."""
+
+    dim: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.dim,)
+
+    @property
+    def has_score(self) -> bool:
+        return type(self).score is not Distribution.score
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        raise NotImplementedError
+
+    def score(self, y: Tensor) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no exact score; train a score model")
+
+
+class Gaussian(Distribution):
+    """N(mean, cov) with exact score −cov⁻¹ (y − mean) and log-density."""
+
+    def __init__(self, mean: ArrayLike | None = None, cov: ArrayLike | None = None, dim: int | None = None) -> None:
+        if cov is None:
+            if dim is None:
+                raise ValueError("Gaussian needs `cov` or `dim`")
+            cov = np.eye(dim)
+        cov = torch.as_tensor(np.asarray(cov, dtype=np.float64))
+        if cov.ndim != 2 or cov.shape[0] != cov.shape[1]:
+            raise ValueError(f"Gaussian.cov must be a square matrix, got shape {tuple(cov.shape)}")
+        self.dim = cov.shape[0]
+        mean = torch.zeros(self.dim, dtype=torch.float64) if mean is None else torch.as_tensor(np.asarray(mean, dtype=np.float64))
+        if mean.shape != (self.dim,):
+            raise ValueError(f"Gaussian.mean has shape {tuple(mean.shape)}, expected ({self.dim},)")
+        self.mean64, self.cov64 = mean, cov
+        self._chol = torch.linalg.cholesky(cov)
+        self._prec = torch.linalg.inv(cov)
+        self._logdet = float(torch.logdet(cov))
+
+    @property
+    def mean_np(self) -> np.ndarray:
+        return self.mean64.numpy()
+
+    @property
+    def cov_np(self) -> np.ndarray:
+        return self.cov64.numpy()
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
+        return (self.mean64 + z @ self._chol.T).float()
+
+    def score(self, y: Tensor) -> Tensor:
+        prec = self._prec.to(y)
+        return -(y - self.mean64.to(y)) @ prec  # prec symmetric
+
+    def log_prob(self, y: Tensor) -> Tensor:
+        diff = y.double() - self.mean64
+        maha = ((diff @ self._prec) * diff).sum(1)
+        return (-0.5 * (maha + self._logdet + self.dim * math.log(2 * math.pi))).to(y.dtype)
+
+
+class StandardGaussian(Gaussian):
+    """N(0, I_dim)."""
+
+    def __init__(self, dim: int = 2) -> None:
+        super().__init__(dim=dim)
+
+
+class RandomGaussian(Gaussian):
+    """Zero-mean Gaussian with a seeded random covariance (eigenvalues in [1, 10], random rotation).
+
+    ``role="source"`` / ``"target"`` picks one side of the ``pair``-th covariance pair for ``dim``,
+    see :func:`scones.ot.gaussian.covariance_pair`.
+    """
+
+    def __init__(self, dim: int, pair: int = 0, role: str = "source", seed: int = 2039) -> None:
+        if role not in ("source", "target"):
+            raise ValueError(f"RandomGaussian.role must be 'source' or 'target', got {role!r}")
+        a, b = covariance_pair(int(dim), int(pair), int(seed))
+        super().__init__(cov=a if role == "source" else b)
+        self.pair, self.role = int(pair), role
+
+
+class GaussianMixture(Distribution):
+    """Σ_k w_k N(m_k, diag(s_k²)) with exact score (isotropic or diagonal components)."""
+
+    def __init__(self, means: ArrayLike, stds: ArrayLike = 1.0, weights: ArrayLike | None = None) -> None:
+        self.means = torch.as_tensor(np.asarray(means, dtype=np.float32))
+        k, self.dim = self.means.shape
+        stds = torch.as_tensor(np.asarray(stds, dtype=np.float32))
+        self.stds = stds.expand(k, self.dim).clone() if stds.ndim < 2 else stds.reshape(k, self.dim)
+        w = torch.ones(k) if weights is None else torch.as_tensor(np.asarray(weights, dtype=np.float32))
+        self.weights = w / w.sum()
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        idx = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        z = torch.randn(n, self.dim, generator=generator)
+        return self.means[idx] + self.stds[idx] * z
+
+    def _log_comp(self, y: Tensor) -> Tensor:
+        m, s = self.means.to(y), self.stds.to(y)
+        z = (y[:, None, :] - m[None]) / s[None]
+        return (
+            torch.log(self.weights.to(y))[None]
+            - 0.5 * z.pow(2).sum(-1)
+            - torch.log(s).sum(-1)[None]
+            - 0.5 * self.dim * math.log(2 * math.pi)
+        )
+
+    def log_prob(self, y: Tensor) -> Tensor:
+        return torch.logsumexp(self._log_comp(y), dim=1)
+
+    def score(self, y: Tensor) -> Tensor:
+        resp = torch.softmax(self._log_comp(y), dim=1)  # (n, k)
+        m, s = self.means.to(y), self.stds.to(y)
+        comp_scores = -(y[:, None, :] - m[None]) / s[None].pow(2)
+        return (resp[..., None] * comp_scores).sum(1)
+
+
+class SwissRoll(Distribution):
+    """2-D Swiss roll: sklearn ``make_swiss_roll(noise)`` coordinates (x, z), as in the SCONES paper (Fig. 4).
+
+    Sampled with torch (same law as sklearn: t = 1.5π(1 + 2u), (t cos t, t sin t) + noise·N(0, I)).
+    """
+
+    dim = 2
+
+    def __init__(self, noise: float = 0.25, scale: float = 1.0) -> None:
+        self.noise, self.scale = float(noise), float(scale)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        t = 1.5 * math.pi * (1 + 2 * torch.rand(n, generator=generator))
+        pts = torch.stack([t * torch.cos(t), t * torch.sin(t)], dim=1)
+        pts = pts + self.noise * torch.randn(n, 2, generator=generator)
+        return self.scale * pts
+
+

@@ -1,0 +1,82 @@
+"""Fully connected networks for low-dimensional potentials, scores and barycentric maps."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "elu": nn.ELU, "softplus": nn.Softplus, "tanh": nn.Tanh, "gelu": nn.GELU}
+
+
+def _activation(name: str) -> nn.Module:
+    try:
+        return ACTIVATIONS[name]()
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}") from None
+
+
+class MLP(nn.Module):
+    """``in_dim → hidden[0] → … → hidden[-1] → out_dim`` with an activation after every hidden layer.
+
+    Inputs of any trailing shape are flattened to ``(n, in_dim)``. ``batchnorm=True`` adds BatchNorm1d after
+    each hidden activation (the SCONES BP/score nets use it).
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        hidden: Sequence[int] = (256, 256),
+        activation: str = "silu",
+        batchnorm: bool = False,
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        prev = in_dim
+        for width in hidden:
+            layers += [nn.Linear(prev, int(width)), _activation(activation)]
+            if batchnorm:
+                layers.append(nn.BatchNorm1d(int(width)))
+            prev = int(width)
+        layers.append(nn.Linear(prev, out_dim))
+        self.net = nn.Sequential(*layers)
+        self.in_dim, self.out_dim = in_dim, out_dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x.reshape(x.shape[0], -1))
+
+
+class Potential(MLP):
+    """Scalar potential φ: R^d → R, output shape ``(n,)``."""
+
+    def __init__(self, dim: int, hidden: Sequence[int] = (256, 256), activation: str = "silu") -> None:
+        super().__init__(dim, 1, hidden, activation)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x).squeeze(-1)
+
+
+class NoiseConditionalScoreMLP(nn.Module):
+    """Noise-conditional score s(y, σ) ≈ ∇_y log q_σ(y) for low-dimensional targets.
+
+    s(y, σ) = net([y, log σ features]) / σ, i.e. the network predicts −z for y = y₀ + σz (noise-level-agnostic
+    output scaling as in NCSNv2; the σ embedding lets one net cover all levels).
+    """
+
+    def __init__(self, dim: int, hidden: Sequence[int] = (256, 256, 256), activation: str = "silu", n_freq: int = 8) -> None:
+        super().__init__()
+        self.dim, self.n_freq = dim, n_freq
+        self.net = MLP(dim + 2 * n_freq, dim, hidden, activation)
+
+    def _embed(self, sigma: Tensor) -> Tensor:
+        freqs = torch.arange(1, self.n_freq + 1, device=sigma.device, dtype=sigma.dtype) * (math.pi / 4)
+        arg = torch.log(sigma)[:, None] * freqs[None]
+        return torch.cat([torch.sin(arg), torch.cos(arg)], dim=1)
+
+    def forward(self, y: Tensor, sigma: Tensor) -> Tensor:
+        sigma = sigma.reshape(-1).to(y).expand(y.shape[0])
+        h = torch.cat([y, self._embed(sigma)], dim=1)
+        return self.net(h) / sigma[:, None]

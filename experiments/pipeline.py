@@ -97,7 +97,7 @@ def dual_stage(cfg: DictConfig, source, target, cost, regularizer) -> tuple[Any,
     module = DualModule(pot, lr=cfg.dual.lr, pairs=cfg.dual.pairs, skip_nonfinite=cfg.dual.get("skip_nonfinite", False))
     loader = stream_loader([source, target], cfg.dual.batch_size, _seed(cfg, 1), cfg.get("num_workers", 0))
     run_training_stage(cfg, stage, module, loader, int(cfg.dual.steps), pot)
-    pot.eval()
+
     return pot, stage
 
 

@@ -134,3 +134,25 @@ def covariance_pair(dim: int, pair: int, seed: int = 2039) -> tuple[np.ndarray, 
     """The ``pair``-th (source, target) covariance pair for dimension ``dim``; deterministic in (dim, pair, seed)."""
     rng = np.random.default_rng([seed, dim, pair])
     return random_covariance(dim, rng), random_covariance(dim, rng)
+
+
+class QuadraticPotential:
+    """Torch callable x ↦ xᵀ Q x, shape ``(n,)`` (float32 in, float32 out)."""
+
+    def __init__(self, Q: ArrayLike) -> None:
+        import torch
+
+        self.Q = torch.as_tensor(np.asarray(Q), dtype=torch.float32)
+
+    def __call__(self, x):
+        Q = self.Q.to(x)
+        return ((x @ Q) * x).sum(1)
+
+
+def exact_gaussian_potentials(A: ArrayLike, B: ArrayLike, lam: float):
+    """(φ, ψ) of the closed-form entropic plan as torch callables (see :func:`entropic_potentials`).
+
+    Additive constants are dropped, so E_{p⊗q}[H] ≠ 1, but ∇_y log H (all the sampler needs) is exact.
+    """
+    Qf, Qg = entropic_potentials(A, B, lam)
+    return QuadraticPotential(Qf), QuadraticPotential(Qg)

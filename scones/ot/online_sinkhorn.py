@@ -76,7 +76,7 @@ def _flat(z: Tensor) -> Tensor:
     return z.reshape(z.shape[0], -1)
 
 
-def _row_blocks(n_rows: int, n_cols: int, block_size: int) -> range:
+def _row_blocks(n_rows: int, n_cols: int, block_size: int) -> tuple[range, int]:
     """Start indices of row blocks so that each (rows × n_cols) block has at most ``block_size`` entries."""
     rows = max(1, block_size // max(n_cols, 1))
     return range(0, n_rows, rows), rows
@@ -90,7 +90,7 @@ class SoftMinExpansion:
     The discrete Sinkhorn potentials' out-of-sample extension is the same object with w_j = g_j + λ log b_j.
     """
 
-    def __init__(self, atoms: Tensor, log_weights: Tensor, lam: float, cost=None, block_size: int = 2**23) -> None:
+    def __init__(self, atoms: Tensor, log_weights: Tensor, lam: float, cost=None, block_size: int = 2**20) -> None:
         if atoms.shape[0] != log_weights.shape[0] or log_weights.ndim != 1:
             raise ValueError(
                 f"log_weights must have shape ({atoms.shape[0]},) to match atoms {tuple(atoms.shape)}, "
@@ -106,6 +106,27 @@ class SoftMinExpansion:
 
     def __len__(self) -> int:
         return self.atoms.shape[0]
+
+    def _fast_terms(self, z: Tensor) -> tuple[Tensor, Tensor, float] | None:
+        """For c = s‖x − y‖²: (w_j − s‖a_j‖²)/λ and (2s/λ) aᵀ, so scores need a single ``addmm`` (cached)."""
+        if type(self.cost) is not SquaredEuclidean:
+            return None
+        if getattr(self, "_fast", None) is None:
+            s = self.cost.scale(self.atoms)
+            flat = _flat(self.atoms)
+            offset = (self.log_weights - s * flat.pow(2).sum(1)) / self.lam
+            self._fast = (offset, (2.0 * s / self.lam) * flat.T.contiguous(), s)
+        return self._fast
+
+    def _lse(self, z: Tensor) -> Tensor:
+        """−h(z)/λ = log Σ_j exp((w_j − c(z_i, a_j))/λ) for a block of queries, shape ``(n,)``."""
+        fast = self._fast_terms(z)
+        if fast is None:
+            return torch.logsumexp(self._scores(z), dim=1)
+        offset, a_t, s = fast
+        zf = _flat(z)
+        lse = torch.logsumexp(torch.addmm(offset[None, :], zf, a_t), dim=1)
+        return lse - (s / self.lam) * zf.pow(2).sum(1)
 
     def _scores(self, z: Tensor) -> Tensor:
         """(w_j − c(z_i, a_j))/λ for a block of queries, shape ``(n, N)``."""
@@ -129,7 +150,7 @@ class SoftMinExpansion:
         if len(self) == 0:
             return torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
         zc = self._prepare(z)
-        out = [-self.lam * torch.logsumexp(self._scores(zb), dim=1) for zb in self._blocks(zc)]
+        out = [-self.lam * self._lse(zb) for zb in self._blocks(zc)]
         return torch.cat(out).to(z.dtype)
 
     def grad(self, z: Tensor) -> Tensor:
@@ -140,7 +161,7 @@ class SoftMinExpansion:
         for zb in self._blocks(self._prepare(z.detach())):
             with torch.enable_grad():
                 zb = zb.clone().requires_grad_(True)
-                val = -self.lam * torch.logsumexp(self._scores(zb), dim=1)
+                val = -self.lam * self._lse(zb)
                 (gb,) = torch.autograd.grad(val.sum(), zb)
             out.append(gb)
         return torch.cat(out).to(z.dtype)
@@ -220,7 +241,7 @@ class EntropicPotentials:
         """E_π[Y | X = x] ≈ Σ_j softmax_j((q_j − c(x, y_j))/λ) y_j over the target atoms (barycentric projection)."""
         return self.f.softmax_mean(x)
 
-    def dual_objective(self, x: Tensor, y: Tensor, block_size: int = 2**23) -> float:
+    def dual_objective(self, x: Tensor, y: Tensor, block_size: int = 2**20) -> float:
         r"""Monte-Carlo dual value mean f(x) + mean g(y) − λ (mean_{i,j} exp(V_ij/λ) − 1), V = f ⊕ g − C.
 
         With independent fresh samples x ~ α, y ~ β this estimates OT_λ (equal to it at the optimum, and a
@@ -251,7 +272,7 @@ class EntropicPotentials:
         }
 
     @classmethod
-    def from_state_dict(cls, state: dict, cost=None, block_size: int = 2**23) -> EntropicPotentials:
+    def from_state_dict(cls, state: dict, cost=None, block_size: int = 2**20) -> EntropicPotentials:
         cost = SquaredEuclidean(state.get("cost_reduction", "sum")) if cost is None else cost
         lam = float(state["lam"])
         f = SoftMinExpansion(state["f_atoms"], state["f_log_weights"], lam, cost, block_size)
@@ -314,7 +335,7 @@ class OnlineSinkhorn:
         fully_corrective: bool = False,
         max_support: int | None = None,
         merge_duplicates: bool = False,
-        block_size: int = 2**23,
+        block_size: int = 2**20,
         dtype: torch.dtype | None = None,
     ) -> None:
         lam = float(lam)
@@ -369,7 +390,7 @@ class OnlineSinkhorn:
         """One update of the potential carried by ``sup`` with a new batch ``new`` and the other potential."""
         lam, b = self.lam, new.shape[0]
         zeros = torch.zeros(b, dtype=new.dtype, device=new.device)
-        if sup is None or eta >= 1.0 and not self.fully_corrective:
+        if sup is None or (eta >= 1.0 and not self.fully_corrective):
             old = None  # η = 1: old atoms have weight λ log(0) and are dropped
         else:
             old = sup

@@ -102,7 +102,7 @@ class ChiSquared(Regularizer):
     def log_density(self, v: Tensor) -> Tensor:
         """Smoothed log H_β = log softplus_β(V) − log 2λ (finite everywhere, ≈ βV − log β for βV ≪ 0)."""
         t = self.beta * v
-        log_sp = torch.where(t < -30.0, t, torch.log(F.softplus(t.clamp_min(-30.0))))
+        log_sp = torch.where(t <= -30.0, t, torch.log(F.softplus(t.clamp_min(-30.0))))
         return log_sp - math.log(self.beta) - math.log(2.0 * self.lam)
 
     def dlog_density(self, v: Tensor) -> Tensor:

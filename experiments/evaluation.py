@@ -36,7 +36,9 @@ def ground_truth_arrays(source, target, regularizer, cost) -> dict:
     return {} if truth is None else {k: np.asarray(v) for k, v in truth.items()}
 
 
-def coupling_metrics(cfg: DictConfig, source, target, cost, regularizer, x: torch.Tensor, ys: dict, g) -> dict:
+def coupling_metrics(
+    cfg: DictConfig, source, target, cost, regularizer, x: torch.Tensor, ys: dict, g
+) -> dict:
     """Per method: mean transport cost, sliced-W2 of the y-marginal to the target, and BW-UVP when exact."""
     n = x.shape[0]
     y_ref = target.sample(n, generator=g)
@@ -59,7 +61,11 @@ def coupling_metrics(cfg: DictConfig, source, target, cost, regularizer, x: torc
             m["bw_uvp"] = bw_uvp_samples(np.hstack([flat(x), flat(y)]), sigma)
         out["methods"][name] = m
     if truth is not None:
-        out["ground_truth"] = {"kind": "gaussian_closed_form", "lam": truth["lam"], "dim": int(sigma.shape[0] // 2)}
+        out["ground_truth"] = {
+            "kind": "gaussian_closed_form",
+            "lam": truth["lam"],
+            "dim": int(sigma.shape[0] // 2),
+        }
     return out
 
 

@@ -98,7 +98,9 @@ class Stage:
         try:
             meta = json.loads(self.done_file.read_text())
         except json.JSONDecodeError as e:
-            raise StageError(f"{self.done_file} is corrupt ({e}); delete {self.dir} to retrain stage '{self.name}'") from e
+            raise StageError(
+                f"{self.done_file} is corrupt ({e}); delete {self.dir} to retrain stage '{self.name}'"
+            ) from e
         if meta.get("key") != self.key:
             raise StageError(
                 f"{self.dir} holds stage '{self.name}' of another config (key {meta.get('key')} != {self.key}); "
@@ -141,7 +143,8 @@ class Stage:
 
 def make_stage(cfg: DictConfig, name: str, *parts: Any) -> Stage:
     key = config_key(name, *parts)
-    return Stage(name=name, key=key, dir=Path(cfg.paths.cache_dir) / f"{name}-{key}", config=parts[0] if parts else None)
+    stage_dir = Path(cfg.paths.cache_dir) / f"{name}-{key}"
+    return Stage(name=name, key=key, dir=stage_dir, config=parts[0] if parts else None)
 
 
 def _progress_bar(total_steps: int) -> TQDMProgressBar:

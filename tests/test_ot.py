@@ -78,7 +78,9 @@ def test_closed_form_first_order_condition_and_value():
     C = sigma[:3, 3:]
     from scipy.linalg import sqrtm
 
-    np.testing.assert_allclose(C, np.real(sqrtm(A @ B + lam**2 / 16 * np.eye(3))) - lam / 4 * np.eye(3), atol=1e-8)
+    np.testing.assert_allclose(
+        C, np.real(sqrtm(A @ B + lam**2 / 16 * np.eye(3))) - lam / 4 * np.eye(3), atol=1e-8
+    )
     assert entropic_ot_value(A, B, lam) > 0
 
 
@@ -120,7 +122,9 @@ def test_potentials_reproduce_plan_density():
         return -0.5 * np.einsum("ni,ij,nj->n", z, np.linalg.inv(S), z)
 
     log_ratio = log_gauss(np.hstack([x, y]), sigma) - log_gauss(x, A) - log_gauss(y, B)
-    log_h = (np.einsum("ni,ij,nj->n", x, Qf, x) + np.einsum("ni,ij,nj->n", y, Qg, y) - ((x - y) ** 2).sum(1)) / lam
+    log_h = (
+        np.einsum("ni,ij,nj->n", x, Qf, x) + np.einsum("ni,ij,nj->n", y, Qg, y) - ((x - y) ** 2).sum(1)
+    ) / lam
     diff = log_ratio - log_h
     assert np.ptp(diff) < 1e-8  # equal up to the normalising constant
 

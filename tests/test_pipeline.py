@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from hydra import compose, initialize
-from omegaconf import open_dict
 
 from experiments.pipeline import ConfigError, run
 from experiments.run import register_resolvers
@@ -17,8 +16,15 @@ from scones.models.dual import NonFiniteLossError
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [  # ++ adds or overrides, so the same list fits every sampler / score option
-    "++dual.steps=60", "++dual.batch_size=128", "++bp.steps=40", "++bp.batch_size=128", "++score.steps=40",
-    "++score.batch_size=128", "++eval.n_samples=300", "++eval.batch_size=300", "++sampler.n_steps_each=5",
+    "++dual.steps=60",
+    "++dual.batch_size=128",
+    "++bp.steps=40",
+    "++bp.batch_size=128",
+    "++score.steps=40",
+    "++score.batch_size=128",
+    "++eval.n_samples=300",
+    "++eval.batch_size=300",
+    "++sampler.n_steps_each=5",
     "++sampler.n_steps=100",
 ]
 
@@ -77,8 +83,18 @@ def test_swiss_roll_default_trains_score_stage(tmp_path):
         (["regularizer.lam=-1"], "regularizer.lam"),
         (["data.source.dim=3"], "dimension mismatch"),
         (["data.target._target_=nowhere.Missing"], "data.target._target_"),
-        (["+experiment=gaussian", "score=exact", "data.target._target_=scones.data.SwissRoll",
-          "~data.target.dim", "~data.target.pair", "~data.target.role", "~data.target.seed"], "score.kind=exact"),
+        (
+            [
+                "+experiment=gaussian",
+                "score=exact",
+                "data.target._target_=scones.data.SwissRoll",
+                "~data.target.dim",
+                "~data.target.pair",
+                "~data.target.role",
+                "~data.target.seed",
+            ],
+            "score.kind=exact",
+        ),
     ],
 )
 def test_bad_config_gives_clear_error(tmp_path, overrides, match):
@@ -89,8 +105,17 @@ def test_bad_config_gives_clear_error(tmp_path, overrides, match):
 
 
 def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
-    cfg = make_cfg(tmp_path, [*TINY, "data.target._target_=tests.helpers.NaNAfter", "+data.target.good_calls=7",
-                              "~data.target.noise", "+data.target.dim=2", "checkpoint_every=3"])
+    cfg = make_cfg(
+        tmp_path,
+        [
+            *TINY,
+            "data.target._target_=tests.helpers.NaNAfter",
+            "+data.target.good_calls=7",
+            "~data.target.noise",
+            "+data.target.dim=2",
+            "checkpoint_every=3",
+        ],
+    )
     with pytest.raises(NonFiniteLossError, match=r"stage 'dual'.*step 7"):
         run(cfg, tmp_path / "run")
     ckpts = list((tmp_path / "cache").glob("dual-*/checkpoints/last.ckpt"))
@@ -100,8 +125,14 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
 
 def _cli(*args, timeout=120):
     env = dict(os.environ, WANDB_MODE="disabled", PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "experiments.run", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.run", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_cli_unknown_experiment_and_key(tmp_path):

@@ -9,7 +9,12 @@ import torch
 from scones.data import Gaussian
 from scones.metrics.bw_uvp import bw_uvp_samples
 from scones.ot import KL, SquaredEuclidean
-from scones.ot.gaussian import covariance_pair, entropic_conditional, entropic_joint_covariance, exact_gaussian_potentials
+from scones.ot.gaussian import (
+    covariance_pair,
+    entropic_conditional,
+    entropic_joint_covariance,
+    exact_gaussian_potentials,
+)
 from scones.sampling.conditional import ConditionalScore
 from scones.sampling.langevin import NonFiniteSampleError, annealed_langevin, ula
 from scones.sampling.schedules import geometric_sigmas, langevin_step_sizes
@@ -30,8 +35,14 @@ def test_ula_with_exact_potentials_reproduces_closed_form_conditional():
     n = 4000
     x = torch.tensor(x0, dtype=torch.float32).expand(n, 2)
     model = ConditionalScore(lambda y, i: target.score(y), pot, x)
-    y = ula(model, torch.zeros(n, 2), step_size=0.02, n_steps=1500, disable=True,
-            generator=torch.Generator().manual_seed(0))
+    y = ula(
+        model,
+        torch.zeros(n, 2),
+        step_size=0.02,
+        n_steps=1500,
+        disable=True,
+        generator=torch.Generator().manual_seed(0),
+    )
     y = y.double().numpy()
     S = cond.S
     mean_err = y.mean(0) - cond.mean(x0)[0]
@@ -48,8 +59,14 @@ def test_ula_joint_bw_uvp_near_finite_sample_floor():
     n = 4000
     g = torch.Generator().manual_seed(1)
     x = Gaussian(cov=A).sample(n, generator=g)
-    y = ula(ConditionalScore(lambda y, i: target.score(y), pot, x), torch.zeros(n, dim), 0.05, 1500,
-            disable=True, generator=g)
+    y = ula(
+        ConditionalScore(lambda y, i: target.score(y), pot, x),
+        torch.zeros(n, dim),
+        0.05,
+        1500,
+        disable=True,
+        generator=g,
+    )
     got = bw_uvp_samples(np.hstack([x.numpy(), y.numpy()]), sigma)
     rng = np.random.default_rng(0)
     xs = rng.multivariate_normal(np.zeros(dim), A, size=n)
@@ -65,8 +82,9 @@ def test_annealed_langevin_matches_gaussian_with_exact_noised_scores():
     sigmas = geometric_sigmas(3.0, 0.05, 8)
     precs = [torch.linalg.inv(Bt + s**2 * torch.eye(3)) for s in sigmas.tolist()]
     score = lambda y, i: -y @ precs[i]  # noqa: E731  exact score of q * N(0, σ_i² I)
-    y = annealed_langevin(score, 3.0 * torch.randn(4000, 3), sigmas, step_lr=2e-3, n_steps_each=100,
-                          denoise=False, disable=True)
+    y = annealed_langevin(
+        score, 3.0 * torch.randn(4000, 3), sigmas, step_lr=2e-3, n_steps_each=100, denoise=False, disable=True
+    )
     assert bw_uvp_samples(y.numpy(), B) < 0.01
 
 

@@ -6,5 +6,9 @@ from scones.data.distributions import (
     StandardGaussian,
     SwissRoll,
 )
+from scones.data.images import CelebAImages, DatasetNotFoundError, DigitsImages, MNISTImages, USPSImages
 
-__all__ = ["Distribution", "Gaussian", "GaussianMixture", "RandomGaussian", "StandardGaussian", "SwissRoll"]
+__all__ = [
+    "CelebAImages", "DatasetNotFoundError", "DigitsImages", "Distribution", "Gaussian", "GaussianMixture",
+    "MNISTImages", "RandomGaussian", "StandardGaussian", "SwissRoll", "USPSImages",
+]

@@ -13,8 +13,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numpy.typing import ArrayLike
 import torch
+from numpy.typing import ArrayLike
 from torch import Tensor
 
 from scones.ot.gaussian import covariance_pair
@@ -52,7 +52,8 @@ class Gaussian(Distribution):
         if cov.ndim != 2 or cov.shape[0] != cov.shape[1]:
             raise ValueError(f"Gaussian.cov must be a square matrix, got shape {tuple(cov.shape)}")
         self.dim = cov.shape[0]
-        mean = torch.zeros(self.dim, dtype=torch.float64) if mean is None else torch.as_tensor(np.asarray(mean, dtype=np.float64))
+        mean = np.zeros(self.dim) if mean is None else mean
+        mean = torch.as_tensor(np.asarray(mean, dtype=np.float64))
         if mean.shape != (self.dim,):
             raise ValueError(f"Gaussian.mean has shape {tuple(mean.shape)}, expected ({self.dim},)")
         self.mean64, self.cov64 = mean, cov

@@ -23,7 +23,9 @@ def bures_wasserstein_sq(cov_hat: ArrayLike, cov: ArrayLike) -> float:
     return float(max(0.5 * (np.trace(cov_hat) + np.trace(cov) - 2.0 * np.trace(cross)), 0.0))
 
 
-def bw_uvp(cov_hat: ArrayLike, cov: ArrayLike, mean_hat: ArrayLike | None = None, mean: ArrayLike | None = None) -> float:
+def bw_uvp(
+    cov_hat: ArrayLike, cov: ArrayLike, mean_hat: ArrayLike | None = None, mean: ArrayLike | None = None
+) -> float:
     """BW-UVP of a fitted Gaussian (mean_hat, cov_hat) against the truth (mean, cov), as a fraction."""
     cov = np.asarray(cov, dtype=np.float64)
     num = bures_wasserstein_sq(cov_hat, cov)

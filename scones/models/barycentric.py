@@ -16,7 +16,9 @@ from scones.models.dual import check_finite_loss, compatibility, violation_matri
 
 
 class BarycentricModule(pl.LightningModule):
-    def __init__(self, net: nn.Module, potentials, lr: float = 1e-4, pairs: str = "all", skip_nonfinite: bool = False):
+    def __init__(
+        self, net: nn.Module, potentials, lr: float = 1e-4, pairs: str = "all", skip_nonfinite: bool = False
+    ):
         super().__init__()
         self.net, self.lr, self.pairs, self.skip_nonfinite = net, lr, pairs, skip_nonfinite
         self.potentials = potentials

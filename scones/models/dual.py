@@ -25,7 +25,8 @@ def check_finite_loss(loss: Tensor, stage: str, step: int) -> None:
     if not torch.isfinite(loss):
         raise NonFiniteLossError(
             f"stage '{stage}': loss is {loss.item()} at step {step}. Training stopped; the last good checkpoint is "
-            "kept. Lower the learning rate, increase regularizer.lam, or set train.skip_nonfinite=true to skip such steps."
+            "kept. Lower the learning rate, increase regularizer.lam, or set "
+            f"{stage}.skip_nonfinite=true to skip such steps."
         )
 
 
@@ -36,7 +37,9 @@ class DualPotentials(nn.Module):
     ``regularizer`` (e.g. Online Sinkhorn potentials) can stand in for this class in the samplers.
     """
 
-    def __init__(self, phi: nn.Module, psi: nn.Module, cost: SquaredEuclidean, regularizer: Regularizer) -> None:
+    def __init__(
+        self, phi: nn.Module, psi: nn.Module, cost: SquaredEuclidean, regularizer: Regularizer
+    ) -> None:
         super().__init__()
         self.phi, self.psi = phi, psi
         self.cost, self.regularizer = cost, regularizer
@@ -119,8 +122,12 @@ class DualModule(pl.LightningModule):
                 self.log("train/skipped_nonfinite", 1.0, reduce_fx="sum")
                 return None
             check_finite_loss(loss, "dual", self.global_step)
-        self.log_dict({"train/dual": j, "train/loss": loss, "train/mean_H": mean_h}, prog_bar=True, sync_dist=True)
+        self.log_dict(
+            {"train/dual": j, "train/loss": loss, "train/mean_H": mean_h}, prog_bar=True, sync_dist=True
+        )
         return loss
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.potentials.parameters(), lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
+        return torch.optim.Adam(
+            self.potentials.parameters(), lr=self.lr, betas=self.betas, weight_decay=self.weight_decay
+        )

@@ -8,7 +8,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "elu": nn.ELU, "softplus": nn.Softplus, "tanh": nn.Tanh, "gelu": nn.GELU}
+ACTIVATIONS = {
+    "relu": nn.ReLU,
+    "silu": nn.SiLU,
+    "elu": nn.ELU,
+    "softplus": nn.Softplus,
+    "tanh": nn.Tanh,
+    "gelu": nn.GELU,
+}
 
 
 def _activation(name: str) -> nn.Module:
@@ -66,7 +73,9 @@ class NoiseConditionalScoreMLP(nn.Module):
     output scaling as in NCSNv2; the σ embedding lets one net cover all levels).
     """
 
-    def __init__(self, dim: int, hidden: Sequence[int] = (256, 256, 256), activation: str = "silu", n_freq: int = 8) -> None:
+    def __init__(
+        self, dim: int, hidden: Sequence[int] = (256, 256, 256), activation: str = "silu", n_freq: int = 8
+    ) -> None:
         super().__init__()
         self.dim, self.n_freq = dim, n_freq
         self.net = MLP(dim + 2 * n_freq, dim, hidden, activation)

@@ -16,7 +16,9 @@ class ConditionalScore:
     The compatibility term is not annealed with σ (SCONES pitfall P5). ``guidance`` scales it (1 = the method).
     """
 
-    def __init__(self, prior_score: Callable[[Tensor, int], Tensor], potentials, x: Tensor, guidance: float = 1.0):
+    def __init__(
+        self, prior_score: Callable[[Tensor, int], Tensor], potentials, x: Tensor, guidance: float = 1.0
+    ):
         self.prior_score, self.potentials, self.x, self.guidance = prior_score, potentials, x, guidance
 
     def __call__(self, y: Tensor, level: int) -> Tensor:

@@ -23,12 +23,26 @@ log = logging.getLogger(__name__)
 
 
 def gaussian_truth(source, target, regularizer, cost) -> dict | None:
-    """Closed-form plan when both sides are Gaussian, cost = ‖x−y‖² summed and the regulariser is KL."""
+    """Closed-form plan when both sides are Gaussian, the cost is ‖x−y‖² (summed or mean) and the regulariser KL.
+
+    ``lam`` is the λ of the equivalent summed-cost problem: with the mean cost ‖x−y‖²/D, λ·KL is the summed
+    cost with (D·λ)·KL. Non-zero means are returned as ``source_mean``/``target_mean`` (absent when zero).
+    """
     if not (hasattr(source, "cov_np") and hasattr(target, "cov_np")):
         return None
-    if not isinstance(regularizer, KL) or getattr(cost, "reduction", None) != "sum":
+    reduction = getattr(cost, "reduction", None)
+    if not isinstance(regularizer, KL) or reduction not in ("sum", "mean"):
         return None
-    return {"source_cov": source.cov_np, "target_cov": target.cov_np, "lam": float(regularizer.lam)}
+    dim = source.cov_np.shape[0]
+    truth = {
+        "source_cov": source.cov_np,
+        "target_cov": target.cov_np,
+        "lam": float(regularizer.lam) * (dim if reduction == "mean" else 1),
+    }
+    means = [np.asarray(getattr(d, "mean_np", np.zeros(dim)), dtype=np.float64) for d in (source, target)]
+    if any(np.any(m != 0) for m in means):
+        truth["source_mean"], truth["target_mean"] = means
+    return truth
 
 
 def ground_truth_arrays(source, target, regularizer, cost) -> dict:
@@ -47,7 +61,10 @@ def coupling_metrics(
     truth = gaussian_truth(source, target, regularizer, cost)
     if truth is not None:
         sigma = entropic_joint_covariance(truth["source_cov"], truth["target_cov"], truth["lam"])
-        cond = entropic_conditional(truth["source_cov"], truth["target_cov"], truth["lam"])
+        cond = entropic_conditional(
+            truth["source_cov"], truth["target_cov"], truth["lam"], truth.get("source_mean"), truth.get("target_mean")
+        )
+        joint_mean = np.concatenate([cond.mean_a, cond.mean_b]) if "source_mean" in truth else None
         rng = np.random.default_rng(int(cfg.seed))
         ys = dict(ys, exact=torch.from_numpy(cond.sample(flat(x), rng)).float())
     for name, y in ys.items():
@@ -58,7 +75,7 @@ def coupling_metrics(
             ),
         }
         if truth is not None:
-            m["bw_uvp"] = bw_uvp_samples(np.hstack([flat(x), flat(y)]), sigma)
+            m["bw_uvp"] = bw_uvp_samples(np.hstack([flat(x), flat(y)]), sigma, joint_mean)
         out["methods"][name] = m
     if truth is not None:
         out["ground_truth"] = {

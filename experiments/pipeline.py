@@ -20,19 +20,16 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.stages import Stage, atomic_write_bytes, atomic_write_json, make_stage, run_training_stage
+from experiments.validation import ConfigError, validate_config
 from scones.data.streams import stream_loader
 from scones.models.barycentric import BarycentricModule
 from scones.models.dual import DualModule, DualPotentials, violation
 from scones.models.score import ScoreModule
-from scones.sampling.conditional import ConditionalScore
-from scones.sampling.langevin import annealed_langevin, ula
+from scones.sampling import conditional
+from scones.sampling.langevin import NonFiniteSampleError
 from scones.sampling.schedules import geometric_sigmas
 
 log = logging.getLogger(__name__)
-
-
-class ConfigError(ValueError):
-    """Invalid configuration; the message names the offending key and the fix."""
 
 
 # --------------------------------------------------------------------------------------------- building
@@ -49,6 +46,8 @@ def instantiate_node(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
         target = node.get("_target_", "?") if isinstance(node, DictConfig) else "?"
         cause = e.__cause__ or e
         first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        if isinstance(cause, FileNotFoundError):  # missing dataset file: keep which files and the fix, on one line
+            raise ConfigError(f"{key} (_target_={target!r}): {' '.join(str(cause).split())}") from None
         if "Error locating target" in str(e) or isinstance(cause, (ImportError, AttributeError)):
             raise ConfigError(
                 f"{key}._target_={target!r} cannot be imported ({first}); give a full dotted path to a class "
@@ -87,8 +86,44 @@ def _seed(cfg: DictConfig, offset: int) -> int:
 # --------------------------------------------------------------------------------------------- stages
 
 
+def online_sinkhorn_dual(cfg: DictConfig, stage: Stage, source, target, cost, regularizer):
+    """Dual stage without a network: Online Sinkhorn kernel-expansion potentials (KL only)."""
+    from scones.ot.online_sinkhorn import EntropicPotentials
+    from scones.ot.regularizers import KL
+
+    if not isinstance(regularizer, KL):
+        raise ConfigError(
+            f"dual=online_sinkhorn solves the KL-regularised problem; got regularizer={regularizer!r} (use regularizer=kl)"
+        )
+    if stage.is_done():
+        state = stage.load_state()
+        stage.cached = True
+        pot = EntropicPotentials.from_state_dict(state, cost=cost)
+    else:
+        solver = instantiate_node(cfg, "dual.solver", lam=regularizer.lam, cost=cost)
+        g = torch.Generator().manual_seed(_seed(cfg, 1))
+        t0 = time.perf_counter()
+        pot = solver.fit(
+            lambda n: source.sample(n, generator=g),
+            lambda n: target.sample(n, generator=g),
+            n_iter=int(cfg.dual.steps),
+            progress=True,
+        )
+        stage.dir.mkdir(parents=True, exist_ok=True)
+        from experiments.stages import atomic_torch_save
+
+        atomic_torch_save(pot.state_dict(), stage.weights_file)
+        stage.finish(None, time.perf_counter() - t0, {"steps": int(cfg.dual.steps), "support": len(pot.f)})
+    pot.regularizer = regularizer
+    return pot
+
+
 def dual_stage(cfg: DictConfig, source, target, cost, regularizer) -> tuple[Any, Stage]:
     stage = make_stage(cfg, "dual", cfg.dual, cfg.data, cfg.cost, cfg.regularizer, cfg.seed)
+    if cfg.dual.kind == "online_sinkhorn":
+        return online_sinkhorn_dual(cfg, stage, source, target, cost, regularizer), stage
+    if cfg.dual.kind != "neural":
+        raise ConfigError(f"dual.kind must be 'neural' or 'online_sinkhorn'; got {cfg.dual.kind!r}")
     dim = data_dim(source)
     pl.seed_everything(_seed(cfg, 0), workers=True, verbose=False)
     pot = DualPotentials(
@@ -129,7 +164,9 @@ def bp_stage(cfg: DictConfig, source, target, potentials, dual: Stage) -> tuple[
     dim = data_dim(source)
     pl.seed_everything(_seed(cfg, 20), workers=True, verbose=False)
     net = instantiate_node(cfg, "bp.net", in_dim=dim, out_dim=dim)
-    module = BarycentricModule(net, potentials, lr=cfg.bp.lr, pairs=cfg.bp.pairs)
+    module = BarycentricModule(
+        net, potentials, lr=cfg.bp.lr, pairs=cfg.bp.pairs, skip_nonfinite=cfg.bp.get("skip_nonfinite", False)
+    )
     loader = stream_loader([source, target], cfg.bp.batch_size, _seed(cfg, 21), cfg.get("num_workers", 0))
     run_training_stage(cfg, stage, module, loader, int(cfg.bp.steps), net)
     net.eval()
@@ -145,38 +182,21 @@ def batched(fn, x: torch.Tensor, batch_size: int) -> torch.Tensor:
 
 
 def initial_chains(cfg: DictConfig, x: torch.Tensor, y_bp: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    init, s = cfg.sampler.init, cfg.sampler
-    noise_scale = float(s.get("sigma_max", 1.0)) if s.kind == "annealed" else float(s.get("init_noise", 1.0))
-    if init == "source":
-        return x.clone()
-    if init == "bp":
-        return y_bp.clone()
-    if init == "bp_noise":
-        return y_bp + noise_scale * torch.randn(y_bp.shape, generator=g)
-    if init == "noise":
-        return noise_scale * torch.randn(y_bp.shape, generator=g)
-    raise ConfigError(f"sampler.init must be one of source, bp, bp_noise, noise; got {init!r}")
+    """Chain starts per ``sampler.init`` (see :func:`scones.sampling.conditional.initial_chains`)."""
+    try:
+        return conditional.initial_chains(cfg.sampler, x, y_bp, g)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def sample_scones(cfg: DictConfig, prior_score, potentials, x: torch.Tensor, y0: torch.Tensor, g) -> torch.Tensor:
     """Conditional Langevin for every source in ``x`` (vectorised in chunks of ``eval.batch_size`` chains)."""
-    s = cfg.sampler
-    out = []
-    for i in range(0, x.shape[0], int(cfg.eval.batch_size)):
-        xb, yb = x[i : i + int(cfg.eval.batch_size)], y0[i : i + int(cfg.eval.batch_size)]
-        model = ConditionalScore(prior_score, potentials, xb, guidance=float(s.get("guidance", 1.0)))
-        if s.kind == "ula":
-            yb = ula(model, yb, float(s.step_size), int(s.n_steps), generator=g)
-        elif s.kind == "annealed":
-            sigmas = geometric_sigmas(s.sigma_max, s.sigma_min, s.n_levels)
-            yb = annealed_langevin(
-                model, yb, sigmas, float(s.step_lr), int(s.n_steps_each), denoise=bool(s.denoise),
-                skip_levels=int(s.get("skip_levels", 0)), generator=g,
-            )
-        else:
-            raise ConfigError(f"sampler.kind must be 'ula' or 'annealed'; got {s.kind!r}")
-        out.append(yb)
-    return torch.cat(out)
+    try:
+        return conditional.sample_conditional(prior_score, potentials, x, y0, cfg.sampler, cfg.eval.batch_size, g)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    except NonFiniteSampleError as e:  # name the stage and the sampler (the message has the level/step)
+        raise NonFiniteSampleError(f"stage 'evaluate' (sampler.kind={cfg.sampler.kind}): {e}") from None
 
 
 # --------------------------------------------------------------------------------------------- evaluate
@@ -184,7 +204,7 @@ def sample_scones(cfg: DictConfig, prior_score, potentials, x: torch.Tensor, y0:
 
 def evaluate(cfg: DictConfig, run_dir: Path, source, target, cost, regularizer, potentials, prior_score, bp_net,
              stages: dict[str, Stage | None]) -> dict:
-    from experiments import evaluation
+    from experiments import density, evaluation
 
     n = int(cfg.eval.n_samples)
     g = torch.Generator().manual_seed(_seed(cfg, 100))
@@ -201,6 +221,9 @@ def evaluate(cfg: DictConfig, run_dir: Path, source, target, cost, regularizer, 
     metrics = evaluation.coupling_metrics(cfg, source, target, cost, regularizer, x, {"scones": y, "bp": y_bp,
                                                                                      "independent": y_ind}, g)
     metrics["dual"] = {"mean_H": mean_h}
+    density_metrics = density.evaluate(cfg, run_dir, source, target, cost, regularizer, potentials, _seed(cfg, 200))
+    if density_metrics is not None:  # p and q have known densities: calibration, marginals, KL to the truth
+        metrics["density"] = density_metrics
     metrics["timings_s"] = {name: round(st.seconds, 2) for name, st in stages.items() if st is not None}
     metrics["timings_s"]["sampling"] = round(sampling_seconds, 2)
     metrics["stages"] = {
@@ -225,6 +248,7 @@ def evaluate(cfg: DictConfig, run_dir: Path, source, target, cost, regularizer, 
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
+    validate_config(cfg, run_dir)  # one-line ConfigError before any data, device or directory is touched
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(int(cfg.get("num_threads") or torch.get_num_threads()))

@@ -41,8 +41,8 @@ def fail(message: str) -> None:
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     os.environ.setdefault("WANDB_SILENT", "true")
-    from experiments.pipeline import ConfigError
     from experiments.stages import StageError
+    from experiments.validation import ConfigError
     from scones.models.dual import NonFiniteLossError
     from scones.sampling.langevin import NonFiniteSampleError
 
@@ -61,4 +61,10 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    from experiments.validation import ConfigError, preflight
+
+    try:  # bad options/keys/values/paths: one line, before Hydra composes or creates the run directory
+        preflight(sys.argv[1:])
+    except ConfigError as e:
+        fail(str(e))
     main()

@@ -3,6 +3,7 @@
 Every stage lives in ``<paths.cache_dir>/<stage>-<key>/`` where ``key`` hashes the resolved config sections
 the stage depends on (and the keys of the stages it reads). Layout of a stage directory::
 
+    stage.json              key of the config that owns the directory (checked before resuming)
     checkpoints/last.ckpt   Lightning checkpoint (resume point while the stage is unfinished)
     logs/                   CSV training curves
     final.pt                weights only (``torch.load(weights_only=True)``), written atomically at the end
@@ -92,14 +93,36 @@ class Stage:
     def last_ckpt(self) -> Path:
         return self.dir / "checkpoints" / "last.ckpt"
 
+    @property
+    def owner_file(self) -> Path:
+        return self.dir / "stage.json"
+
+    def check_owner(self) -> None:
+        """Refuse to resume from checkpoints another config wrote into this directory (``stage.json`` key)."""
+        if not self.owner_file.exists():
+            return
+        try:
+            key = json.loads(self.owner_file.read_text()).get("key")
+        except (ValueError, AttributeError, UnicodeDecodeError):
+            key = "<unreadable>"
+        if key != self.key:
+            raise StageError(
+                f"{self.dir} holds checkpoints of another config (stage.json key {key} != {self.key}); move it "
+                "away or set paths.cache_dir to another directory"
+            )
+
     def is_done(self) -> bool:
         if not self.done_file.exists():
             return False
         try:
             meta = json.loads(self.done_file.read_text())
-        except json.JSONDecodeError as e:
+            if not isinstance(meta, dict) or "key" not in meta:
+                raise ValueError("not a stage marker: expected a JSON object with a 'key'")
+            seconds = float(meta.get("seconds", 0.0))
+        except (ValueError, TypeError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
             raise StageError(
-                f"{self.done_file} is corrupt ({e}); delete {self.dir} to retrain stage '{self.name}'"
+                f"{self.done_file} is corrupt ({' '.join(str(e).split())}); delete {self.dir} to retrain "
+                f"stage '{self.name}'"
             ) from e
         if meta.get("key") != self.key:
             raise StageError(
@@ -107,16 +130,24 @@ class Stage:
                 f"move it away or set paths.cache_dir to another directory"
             )
         self.info = meta.get("info", {})
-        self.seconds = float(meta.get("seconds", 0.0))
+        self.seconds = seconds
         return True
 
+    def load_state(self) -> Any:
+        """The saved ``final.pt`` (tensors only: ``weights_only=True``, never arbitrary unpickling)."""
+        return load_checkpoint(self.weights_file, f"stage '{self.name}' (marked done)", self.dir)
+
     def load_weights(self, module: torch.nn.Module) -> None:
+        state = self.load_state()
+        if not isinstance(state, dict):
+            raise StageError(f"{self.weights_file} holds a {type(state).__name__}, not a state dict; delete "
+                             f"{self.dir} to retrain stage '{self.name}'")
         try:
-            state = torch.load(self.weights_file, map_location="cpu", weights_only=True)
-        except FileNotFoundError as e:
-            raise StageError(f"stage '{self.name}' is marked done but {self.weights_file} is missing; "
-                             f"delete {self.dir} to retrain it") from e
-        missing, unexpected = module.load_state_dict(state, strict=False)
+            missing, unexpected = module.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # size mismatch
+            raise StageError(f"{self.weights_file} does not match the networks of this config "
+                             f"({' '.join(str(e).split())[:300]}); delete {self.dir} to retrain stage "
+                             f"'{self.name}'") from e
         if missing or unexpected:
             raise StageError(
                 f"{self.weights_file} does not match the networks of this config (missing {missing[:3]}, "
@@ -141,19 +172,38 @@ class Stage:
         )
 
 
+def load_checkpoint(path: Path, what: str, stage_dir: Path, mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)`` with one-line :class:`StageError` for missing/corrupt/unsafe files.
+
+    ``weights_only=True`` restricts unpickling to tensors and plain containers: a file carrying code (a pickled
+    object with ``__reduce__``) is refused, not executed.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except FileNotFoundError as e:
+        raise StageError(f"{what}: {path} is missing; delete {stage_dir} to retrain it") from e
+    except Exception as e:  # noqa: BLE001 - zip/pickle/EOF errors all mean the same: unusable file
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        raise StageError(
+            f"{what}: {path} is corrupt or not a weights-only checkpoint ({type(e).__name__}: {reason}); "
+            f"delete it (or {stage_dir}) to retrain"
+        ) from e
+
+
 def make_stage(cfg: DictConfig, name: str, *parts: Any) -> Stage:
     key = config_key(name, *parts)
     stage_dir = Path(cfg.paths.cache_dir) / f"{name}-{key}"
     return Stage(name=name, key=key, dir=stage_dir, config=parts[0] if parts else None)
 
 
-def _progress_bar(total_steps: int) -> TQDMProgressBar:
-    # In non-TTY logs, refresh rarely so the log holds ~20 lines per stage instead of one per step.
-    rate = 1 if sys.stderr.isatty() else max(1, total_steps // 20)
-    return TQDMProgressBar(refresh_rate=rate)
-
-
-def build_trainer(cfg: DictConfig, stage: Stage, max_steps: int, extra_loggers: list | None = None) -> pl.Trainer:
+def build_trainer(
+    cfg: DictConfig,
+    stage: Stage,
+    max_steps: int,
+    extra_loggers: list | None = None,
+    runtime: StageRuntime | None = None,
+    resume_step: int | None = None,
+) -> pl.Trainer:
     tcfg = cfg.trainer
     ckpt_every = int(cfg.get("checkpoint_every", 0) or max(1, max_steps // 5))
     callbacks = [
@@ -166,9 +216,11 @@ def build_trainer(cfg: DictConfig, stage: Stage, max_steps: int, extra_loggers: 
             every_n_train_steps=ckpt_every,
             enable_version_counter=False,
         ),
-        _progress_bar(max_steps),
+        progress_bar(stage.name, max_steps),
+        *([runtime] if runtime is not None else []),
     ]
-    loggers = [CSVLogger(save_dir=str(stage.dir), name="logs", version=0)] + list(extra_loggers or [])
+    csv_logger = ResumableCSVLogger(save_dir=str(stage.dir), name="logs", version=0, resume_step=resume_step)
+    loggers = [csv_logger] + list(extra_loggers or [])
     return pl.Trainer(
         accelerator=tcfg.accelerator,
         devices=tcfg.devices,
@@ -185,6 +237,9 @@ def build_trainer(cfg: DictConfig, stage: Stage, max_steps: int, extra_loggers: 
         num_sanity_val_steps=0,
         deterministic=bool(tcfg.get("deterministic", False)),
         use_distributed_sampler=False,
+        sync_batchnorm=bool(tcfg.get("sync_batchnorm", False)),
+        plugins=[AtomicCheckpointIO()],  # a kill while saving never leaves a truncated checkpoint
+        default_root_dir=str(stage.dir),  # Lightning's own scratch files stay inside the stage
     )
 
 
@@ -205,12 +260,15 @@ def run_training_stage(
     stage.dir.mkdir(parents=True, exist_ok=True)
     ckpt = stage.last_ckpt if stage.last_ckpt.exists() else None
     if ckpt is not None:
+        stage.check_owner()
+        load_checkpoint(ckpt, f"stage '{stage.name}' (resume point)", stage.dir, mmap=True)  # fail clearly
         log.info("stage %s: resuming from %s", stage.name, ckpt)
     else:
         log.info("stage %s: training %d steps into %s", stage.name, max_steps, stage.dir)
+    atomic_write_json(stage.owner_file, {"stage": stage.name, "key": stage.key})
     trainer = build_trainer(cfg, stage, max_steps, extra_loggers)
     t0 = time.perf_counter()
-    trainer.fit(module, train_dataloaders=train_loader, ckpt_path=str(ckpt) if ckpt else None)
+    trainer.fit(module, train_dataloaders=train_loader, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
     seconds = time.perf_counter() - t0
     if trainer.global_step < max_steps:
         raise StageError(f"stage '{stage.name}' stopped at step {trainer.global_step} < {max_steps}; rerun to resume")

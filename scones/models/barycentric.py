@@ -22,7 +22,8 @@ class BarycentricModule(pl.LightningModule):
         super().__init__()
         self.net, self.lr, self.pairs, self.skip_nonfinite = net, lr, pairs, skip_nonfinite
         self.potentials = potentials
-        self.potentials.requires_grad_(False)
+        if isinstance(potentials, nn.Module):  # frozen; non-module potentials (Online Sinkhorn) have no params
+            potentials.requires_grad_(False)
 
     def loss(self, x, y):
         pot = self.potentials
@@ -41,6 +42,7 @@ class BarycentricModule(pl.LightningModule):
         loss = self.loss(x, y)
         if not torch.isfinite(loss):
             if self.skip_nonfinite:
+                self.log("train/skipped_nonfinite", 1.0, reduce_fx="sum")
                 return None
             check_finite_loss(loss, "bp", self.global_step)
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)

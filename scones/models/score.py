@@ -67,6 +67,7 @@ class ScoreModule(pl.LightningModule):
         loss = dsm_loss(self.net, y, self.sigmas)
         if not torch.isfinite(loss):
             if self.skip_nonfinite:
+                self.log("train/skipped_nonfinite", 1.0, reduce_fx="sum")
                 return None
             check_finite_loss(loss, "score", self.global_step)
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)

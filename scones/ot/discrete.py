@@ -142,19 +142,48 @@ def sinkhorn(
     )
 
 
+def symmetric_potential(x, lam: float, a=None, cost=None, max_iter: int = 100, tol: float = 1e-7,
+                        dtype: torch.dtype = torch.float64) -> Tensor:
+    r"""Self-transport potential f (= g) of OT_λ(α, α), α = Σ a_i δ_{x_i}, by the averaged symmetric update
+
+        f ← ½ (f + T_α(f)),   T_α(f)_i = −λ log Σ_j a_j exp((f_j − C_ij)/λ)
+
+    (Feydy et al. 2019), stopped when the update moves f by less than ``tol``·λ in sup norm. It converges in a
+    few iterations where the alternating Sinkhorn oscillates on symmetric problems (POT ``sinkhorn_log``
+    needed 100–300 iterations on 1000 Gaussian points in R⁴, λ = 1); used to warm-start POT.
+    """
+    cost = SquaredEuclidean("sum") if cost is None else cost
+    x = _points(x, dtype, "x")
+    a = _weights(a, len(x), "a", x)
+    C = cost.pairwise(x, x)
+    log_a = torch.log(a)
+    f = torch.zeros_like(a)
+    for _ in range(max_iter):
+        t = -lam * torch.logsumexp(log_a[None, :] + (f[None, :] - C) / lam, dim=1)
+        step = 0.5 * (t - f)
+        f = f + step
+        if float(step.abs().max()) < tol * lam:
+            break
+    return f
+
+
 def sinkhorn_divergence(x, y, lam: float, a=None, b=None, cost=None, **kwargs) -> float:
     r"""Debiased Sinkhorn divergence S_λ = OT_λ(α, β) − ½ OT_λ(α, α) − ½ OT_λ(β, β) between two point clouds.
 
-    Each OT_λ is the full entropic value ⟨P, C⟩ + λ KL(P ‖ a bᵀ) from :func:`sinkhorn` (three POT
-    ``sinkhorn_log`` solves). S_λ ≥ 0, S_λ(α, α) = 0, and S_λ → W₂² as λ → 0 (Feydy et al. 2019).
-    We do *not* use ``ot.bregman.empirical_sinkhorn_divergence``: it combines ⟨P, C⟩ terms only, without the
-    entropic parts (as its own docstring notes), which is not the divergence of Genevay/Feydy.
-    Points can be joint samples, e.g. ``torch.cat([x, y], 1)`` in R^{2d}. ``kwargs`` go to :func:`sinkhorn`.
+    Each OT_λ is the full entropic value ⟨P, C⟩ + λ KL(P ‖ a bᵀ) from :func:`sinkhorn` (POT ``sinkhorn_log``);
+    the two self terms are warm-started with :func:`symmetric_potential`. S_λ ≥ 0, S_λ(α, α) = 0, and
+    S_λ → W₂² as λ → 0 (Feydy et al. 2019). We do *not* use ``ot.bregman.empirical_sinkhorn_divergence``: it
+    combines the ⟨P, C⟩ terms only, without the entropic parts (as its own docstring notes), which is not the
+    divergence of Genevay/Feydy. Points can be joint samples, e.g. ``torch.cat([x, y], 1)`` in R^{2d}.
+    ``kwargs`` (``max_iter``, ``tol``, ``dtype``) go to :func:`sinkhorn`.
     """
     xy = sinkhorn(x, y, lam, a, b, cost, **kwargs).value
-    xx = sinkhorn(x, x, lam, a, a, cost, **kwargs).value
-    yy = sinkhorn(y, y, lam, b, b, cost, **kwargs).value
+    dtype = kwargs.get("dtype", torch.float64)
+    fx = symmetric_potential(x, lam, a, cost, dtype=dtype)
+    fy = symmetric_potential(y, lam, b, cost, dtype=dtype)
+    xx = sinkhorn(x, x, lam, a, a, cost, warmstart=(fx, fx), **kwargs).value
+    yy = sinkhorn(y, y, lam, b, b, cost, warmstart=(fy, fy), **kwargs).value
     return xy - 0.5 * (xx + yy)
 
 
-__all__ = ["DiscreteSinkhorn", "sinkhorn", "sinkhorn_divergence"]
+__all__ = ["DiscreteSinkhorn", "sinkhorn", "sinkhorn_divergence", "symmetric_potential"]

@@ -423,7 +423,7 @@ class OnlineSinkhorn:
         """Merge duplicate atoms (optional) and enforce ``max_support`` (FIFO, mass-preserving)."""
         lam = self.lam
         if self.merge_duplicates:
-            uniq, inv = torch.unique(_flat(sup.atoms), dim=0, return_inverse=True)
+            uniq, inv = _unique_rows(_flat(sup.atoms))
             n = uniq.shape[0]
             if n < len(sup.atoms):
                 sup = _Support(
@@ -493,6 +493,23 @@ class OnlineSinkhorn:
                     pot = EntropicPotentials(self._expansion(f_sup), self._expansion(g_sup), self.cost)
                     callback(OnlineSinkhornState(t, n_seen, b, eta, pot, elapsed))
         return EntropicPotentials(self._expansion(f_sup), self._expansion(g_sup), self.cost)
+
+
+def _unique_rows(flat: Tensor) -> tuple[Tensor, Tensor]:
+    """Distinct rows of ``flat`` ``(N, D)`` and the inverse index (exact; rows are not sorted).
+
+    Groups rows by a 1-D projection key (much faster than ``torch.unique(dim=0)``), then checks that every
+    row equals its group's representative and falls back to ``torch.unique(dim=0)`` if a key collided.
+    """
+    r = (torch.arange(flat.shape[1], device=flat.device, dtype=flat.dtype) * 0.6180339887498949) % 1.0 + 0.5
+    _, inv = torch.unique(flat @ r, return_inverse=True)
+    n = int(inv.max()) + 1 if len(inv) else 0
+    order = torch.arange(len(inv), device=flat.device)
+    first = torch.full((n,), len(inv), device=flat.device).scatter_reduce(0, inv, order, "amin")
+    rep = flat[first]
+    if torch.equal(rep[inv], flat):
+        return rep, inv
+    return torch.unique(flat, dim=0, return_inverse=True)
 
 
 def _scatter_logsumexp(values: Tensor, index: Tensor, n: int) -> Tensor:

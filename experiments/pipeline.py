@@ -18,10 +18,14 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from threadpoolctl import threadpool_limits
 
+from experiments import images
+from experiments.distributed import gather_to_rank_zero, global_rank, is_distributed, is_rank_zero, world_size
+from experiments.logging_utils import SamplingProgress, Tracker, sampler_steps, tracking
 from experiments.stages import Stage, atomic_write_bytes, atomic_write_json, make_stage, run_training_stage
 from experiments.validation import ConfigError, validate_config
-from scones.data.streams import stream_loader
+from scones.data.streams import mix_seed, stream_loader
 from scones.models.barycentric import BarycentricModule
 from scones.models.dual import DualModule, DualPotentials, violation
 from scones.models.score import ScoreModule
@@ -152,11 +156,47 @@ def score_stage(cfg: DictConfig, target) -> tuple[Any, Stage | None]:
     sigmas = geometric_sigmas(cfg.score.sigma_max, cfg.score.sigma_min, cfg.score.n_levels)
     pl.seed_everything(_seed(cfg, 10), workers=True, verbose=False)
     net = instantiate_node(cfg, "score.net", dim=data_dim(target))
-    module = ScoreModule(net, sigmas, lr=cfg.score.lr, skip_nonfinite=cfg.score.get("skip_nonfinite", False))
+    check_score_schedule(cfg, net, sigmas)
+    module = ScoreModule(
+        net, sigmas, lr=cfg.score.lr, skip_nonfinite=cfg.score.get("skip_nonfinite", False),
+        ema_decay=cfg.score.get("ema_decay"), callbacks=images.score_callbacks(cfg, stage.dir, target),
+    )
     loader = stream_loader([target], cfg.score.batch_size, _seed(cfg, 11), cfg.get("num_workers", 0))
     run_training_stage(cfg, stage, module, loader, int(cfg.score.steps), module)
     module.eval()
-    return module.score, stage
+    return sampler_prior_score(cfg, module), stage
+
+
+def check_score_schedule(cfg: DictConfig, net, sigmas: torch.Tensor) -> None:
+    """A score net that stores its schedule (NCSN, NCSNv2) must store the score.sigma_* one; a level-conditional
+    net (NCSN v1) can only be sampled at those levels, so the annealed sampler must use a subset of them."""
+    own = getattr(net, "sigmas", None)
+    if own is not None and (own.shape != sigmas.shape or not torch.allclose(own.float(), sigmas, rtol=1e-5)):
+        raise ConfigError(
+            f"score.net holds {own.numel()} noise levels {float(own[0]):.4g} … {float(own[-1]):.4g} but score.sigma_* "
+            f"give {sigmas.numel()} levels {float(sigmas[0]):.4g} … {float(sigmas[-1]):.4g}; build the net from the "
+            "same keys (score.net.sigmas: geometric_sigmas(${score.sigma_max}, ${score.sigma_min}, ${score.n_levels}))"
+        )
+    if getattr(net, "level_conditional", False) and cfg.sampler.kind == "annealed":
+        s = cfg.sampler
+        used = geometric_sigmas(s.sigma_max, s.sigma_min, s.n_levels)[int(s.get("skip_levels", 0)) :]
+        gap = (used.log()[:, None] - sigmas.log()[None]).abs().min(dim=1).values
+        if bool((gap > 1e-4).any()):
+            raise ConfigError(
+                f"score.net ({type(net).__name__}) is conditioned on the level index, so sampler.sigma_max/sigma_min/"
+                "n_levels must give levels of the training schedule; set them to ${score.sigma_max}, "
+                "${score.sigma_min}, ${score.n_levels} (skip levels with sampler.skip_levels)"
+            )
+
+
+def sampler_prior_score(cfg: DictConfig, module: ScoreModule):
+    """The learned ``prior_score(y, level)`` as the sampler calls it: the annealed sampler's ``level`` indexes its own
+    schedule (sampler.sigma_*), which may differ from the training one for σ-agnostic nets; ULA passes level 0."""
+    if cfg.sampler.kind != "annealed":
+        return module.score
+    s = cfg.sampler
+    levels = [float(v) for v in geometric_sigmas(s.sigma_max, s.sigma_min, s.n_levels)]
+    return lambda y, level: module.score(y, levels[level])
 
 
 def bp_stage(cfg: DictConfig, source, target, potentials, dual: Stage) -> tuple[Any, Stage]:
@@ -182,21 +222,61 @@ def batched(fn, x: torch.Tensor, batch_size: int) -> torch.Tensor:
 
 
 def initial_chains(cfg: DictConfig, x: torch.Tensor, y_bp: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Chain starts per ``sampler.init`` (see :func:`scones.sampling.conditional.initial_chains`)."""
+    """Chain starts per ``sampler.init`` (see :func:`scones.sampling.conditional.initial_chains`).
+
+    With ``sampler.skip_levels`` > 0 the annealed chains start at the noise of the first level actually run,
+    y₀ = T(x) + σ_{skip+1}·z (spec §3b; USPS→MNIST: σ_4 ≈ 0.215), not at ``sigma_max``.
+    """
+    sampler = cfg.sampler
+    skip = int(sampler.get("skip_levels", 0) or 0) if sampler.get("kind") == "annealed" else 0
+    if skip > 0:
+        first = float(geometric_sigmas(sampler.sigma_max, sampler.sigma_min, sampler.n_levels)[skip])
+        sampler = {**OmegaConf.to_container(sampler, resolve=True), "sigma_max": first}
     try:
-        return conditional.initial_chains(cfg.sampler, x, y_bp, g)
+        return conditional.initial_chains(sampler, x, y_bp, g)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
 
-def sample_scones(cfg: DictConfig, prior_score, potentials, x: torch.Tensor, y0: torch.Tensor, g) -> torch.Tensor:
-    """Conditional Langevin for every source in ``x`` (vectorised in chunks of ``eval.batch_size`` chains)."""
+def sample_scones(
+    cfg: DictConfig, prior_score, potentials, x: torch.Tensor, y0: torch.Tensor, g
+) -> torch.Tensor | None:
+    """Conditional Langevin for every source in ``x``, in chunks of ``eval.batch_size`` chains.
+
+    Chunk ``c`` draws its noise from its own generator (seeded from one draw of ``g`` and ``c``), so the samples
+    do not depend on how chunks are spread over processes. With an initialised process group (``trainer=ddp``)
+    rank r samples chunks r, r+W, r+2W, ... and rank 0 gathers all of them; the other ranks return ``None``.
+    A failure on any rank is raised on every rank (no rank waits forever in the gather).
+    """
+    bs = int(cfg.eval.batch_size)
+    if bs < 1:
+        raise ConfigError(f"eval.batch_size={bs} must be >= 1")
+    starts = list(range(0, x.shape[0], bs))
+    base = int(torch.randint(0, 2**62, (1,), generator=g))
+    rank, world = (global_rank(), world_size()) if is_distributed() else (0, 1)
+    mine = [c for c in range(len(starts)) if c % world == rank]
+    desc = "sampling" if world == 1 else f"sampling (rank 0 of {world})"
+    score = SamplingProgress(prior_score, sampler_steps(cfg.sampler) * len(mine), desc, None if rank == 0 else False)
+    out: dict[int, torch.Tensor] = {}
+    error: Exception | None = None
     try:
-        return conditional.sample_conditional(prior_score, potentials, x, y0, cfg.sampler, cfg.eval.batch_size, g)
+        for c in mine:
+            i = starts[c]
+            gc = torch.Generator().manual_seed(mix_seed(base, c))
+            xb, yb = x[i : i + bs], y0[i : i + bs]
+            out[c] = conditional.sample_conditional(score, potentials, xb, yb, cfg.sampler, bs, gc)
     except ValueError as e:
-        raise ConfigError(str(e)) from None
+        error = ConfigError(str(e))
     except NonFiniteSampleError as e:  # name the stage and the sampler (the message has the level/step)
-        raise NonFiniteSampleError(f"stage 'evaluate' (sampler.kind={cfg.sampler.kind}): {e}") from None
+        error = NonFiniteSampleError(f"stage 'evaluate' (sampler.kind={cfg.sampler.kind}): {e}")
+    parts = gather_to_rank_zero((out, error))
+    errors = [error] if parts is None else [e for _, e in parts if e is not None]
+    if errors and errors[0] is not None:
+        raise errors[0]
+    if parts is None:
+        return None
+    chunks = {c: t for part, _ in parts for c, t in part.items()}
+    return torch.cat([chunks[c] for c in range(len(starts))])
 
 
 # --------------------------------------------------------------------------------------------- evaluate
@@ -209,10 +289,12 @@ def evaluate(cfg: DictConfig, run_dir: Path, source, target, cost, regularizer, 
     n = int(cfg.eval.n_samples)
     g = torch.Generator().manual_seed(_seed(cfg, 100))
     t0 = time.perf_counter()
-    x = source.sample(n, generator=g)
+    x, x_labels = images.sample_with_labels(source, n, g)  # labels: digit image sets (label consistency)
     y_bp = batched(lambda xb: bp_net(xb).reshape(xb.shape), x, int(cfg.eval.batch_size))
     y0 = initial_chains(cfg, x, y_bp, g)
     y = sample_scones(cfg, prior_score, potentials, x, y0, g)
+    if y is None:  # rank > 0 of a DDP run: its chains went to rank 0, which computes and writes everything
+        return None
     sampling_seconds = time.perf_counter() - t0
 
     y_ind = target.sample(n, generator=g)
@@ -224,8 +306,26 @@ def evaluate(cfg: DictConfig, run_dir: Path, source, target, cost, regularizer, 
     density_metrics = density.evaluate(cfg, run_dir, source, target, cost, regularizer, potentials, _seed(cfg, 200))
     if density_metrics is not None:  # p and q have known densities: calibration, marginals, KL to the truth
         metrics["density"] = density_metrics
+
+    def scones_sampler(xr: torch.Tensor) -> torch.Tensor:  # fresh SCONES samples for other sources
+        y_bp_r = batched(lambda xb: bp_net(xb).reshape(xb.shape), xr, int(cfg.eval.batch_size))
+        return sample_scones(cfg, prior_score, potentials, xr, initial_chains(cfg, xr, y_bp_r, g), g)
+
+    bench = getattr(target, "benchmark", None)
+    if bench is not None and hasattr(bench, "conditional_moments"):  # exact conditional plan known (EOT benchmark)
+        metrics["conditional"] = evaluation.conditional_benchmark_metrics(cfg, bench, scones_sampler, bp_net, g)
+    image_seconds = None
+    if images.is_image(source):  # image grid, FID, label consistency (experiments/images.py)
+        extra = images.evaluate_images(cfg, run_dir, target, x, x_labels, {"scones": y, "bp": y_bp,
+                                                                            "independent": y_ind}, scones_sampler, g)
+        for name, values in extra.pop("per_method").items():
+            metrics["methods"][name].update(values)
+        image_seconds = extra.pop("timings_s")
+        metrics.update(extra)
     metrics["timings_s"] = {name: round(st.seconds, 2) for name, st in stages.items() if st is not None}
     metrics["timings_s"]["sampling"] = round(sampling_seconds, 2)
+    if image_seconds is not None:
+        metrics["timings_s"]["image_eval"] = image_seconds
     metrics["stages"] = {
         name: {"dir": str(st.dir), "cached": st.cached} if st is not None else None for name, st in stages.items()
     }
@@ -233,6 +333,8 @@ def evaluate(cfg: DictConfig, run_dir: Path, source, target, cost, regularizer, 
     metrics["n_samples"] = n
 
     arrays = {"x": x.numpy(), "y": y.numpy(), "y_bp": y_bp.numpy()}
+    if x_labels is not None:
+        arrays["x_labels"] = x_labels.numpy()
     arrays.update(evaluation.ground_truth_arrays(source, target, regularizer, cost))
     import io
 
@@ -247,18 +349,42 @@ def evaluate(cfg: DictConfig, run_dir: Path, source, target, cost, regularizer, 
 # --------------------------------------------------------------------------------------------- entry
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict:
+def run(cfg: DictConfig, run_dir: Path) -> dict | None:
+    """All stages into ``run_dir``; returns the metrics (``None`` on DDP ranks > 0, which write nothing).
+
+    With ``logger.wandb`` set, one W&B run (rank 0) receives the stage losses, the metrics, the plots and the
+    artifacts (:class:`experiments.logging_utils.Tracker`); it is finished even when a stage fails.
+    """
     validate_config(cfg, run_dir)  # one-line ConfigError before any data, device or directory is touched
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(int(cfg.get("num_threads") or torch.get_num_threads()))
     source, target, cost, regularizer = build_problem(cfg)
-    atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
+    if is_rank_zero():
+        atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
 
-    potentials, dual = dual_stage(cfg, source, target, cost, regularizer)
-    prior_score, score = score_stage(cfg, target)
-    bp_net, bp = bp_stage(cfg, source, target, potentials, dual)
-    metrics = evaluate(cfg, run_dir, source, target, cost, regularizer, potentials, prior_score, bp_net,
-                       {"dual": dual, "score": score, "bp": bp})
-    log.info("metrics written to %s", run_dir / "metrics.json")
-    return metrics
+    tracker = Tracker.from_config(cfg, run_dir)
+    exit_code = 1
+    try:
+        with tracking(tracker):
+            potentials, dual = dual_stage(cfg, source, target, cost, regularizer)
+            prior_score, score = score_stage(cfg, target)
+            bp_net, bp = bp_stage(cfg, source, target, potentials, dual)
+        stages = {"dual": dual, "score": score, "bp": bp}
+        if not is_distributed() and not is_rank_zero():
+            exit_code = 0  # a launcher rank > 0 whose stages were all cached: rank 0 evaluates alone
+            return None
+        # NumPy/SciPy BLAS only sees the evaluation's small matrices (covariances, POT references): one thread is
+        # fastest and stops OpenBLAS threads fighting torch's OpenMP pool (up to 90x slower; docs/performance.md)
+        with threadpool_limits(limits=1, user_api="blas"):
+            metrics = evaluate(cfg, run_dir, source, target, cost, regularizer, potentials, prior_score, bp_net, stages)
+        if metrics is not None:
+            log.info("metrics written to %s", run_dir / "metrics.json")
+            try:
+                tracker.log_results(metrics, run_dir, stages)
+            except Exception as e:  # noqa: BLE001 - tracking must never lose finished results
+                log.warning("W&B logging of the results failed: %s: %s", type(e).__name__, e)
+        exit_code = 0
+        return metrics
+    finally:
+        tracker.finish(exit_code)

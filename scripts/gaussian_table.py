@@ -25,11 +25,17 @@ METHODS = ("scones", "bp", "independent", "exact")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def launch(dims: list[int], pairs: list[int], sweep_dir: Path, extra: list[str], launcher: str | None) -> None:
+def launch(experiment: str, grid: dict, sweep_dir: Path, extra: list[str], launcher: str | None) -> None:
+    """``python -m experiments.run -m +experiment=<experiment> key=v1,v2 ...`` (one job per grid cell)."""
     cmd = [
-        sys.executable, "-m", "experiments.run", "-m", "+experiment=gaussian",
-        f"data.dim={','.join(map(str, dims))}", f"data.pair={','.join(map(str, pairs))}",
-        f"hydra.sweep.dir={sweep_dir}", *extra,
+        sys.executable,
+        "-m",
+        "experiments.run",
+        "-m",
+        f"+experiment={experiment}",
+        *(f"{k}={','.join(map(str, v))}" for k, v in grid.items()),
+        f"hydra.sweep.dir={sweep_dir}",
+        *extra,
     ]
     if launcher:
         cmd.append(f"hydra/launcher={launcher}")
@@ -90,7 +96,9 @@ def write(summary: list[dict], rows: list[dict], out_dir: Path) -> None:
     ]
     for s in summary:
         cells = [f"{s[f'{m}_mean']:.4f} ± {s[f'{m}_std']:.4f}" for m in METHODS]
-        lines.append(f"| {s['dim']} | {s['lam']:g} | {s['pairs']} | " + " | ".join(cells) + f" | {s['minutes_per_cell']:.1f} |")
+        lines.append(
+            f"| {s['dim']} | {s['lam']:g} | {s['pairs']} | " + " | ".join(cells) + f" | {s['minutes_per_cell']:.1f} |"
+        )
     (out_dir / "gaussian_table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -102,10 +110,21 @@ def write(summary: list[dict], rows: list[dict], out_dir: Path) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     dims = [s["dim"] for s in summary]
     for m in METHODS:
-        ax.errorbar(dims, [s[f"{m}_mean"] for s in summary], yerr=[s[f"{m}_std"] for s in summary], marker="o",
-                    label=m, capsize=3)
-    ax.set(xscale="log", yscale="log", xlabel="dimension d (λ = 2d)", ylabel="BW-UVP (fraction)",
-           title="Gaussian → Gaussian, entropic plan")
+        ax.errorbar(
+            dims,
+            [s[f"{m}_mean"] for s in summary],
+            yerr=[s[f"{m}_std"] for s in summary],
+            marker="o",
+            label=m,
+            capsize=3,
+        )
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="dimension d (λ = 2d)",
+        ylabel="BW-UVP (fraction)",
+        title="Gaussian → Gaussian, entropic plan",
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_dir / "gaussian_table.png", dpi=120)
@@ -124,8 +143,10 @@ def main() -> None:
     if a.collect is None:
         from datetime import datetime
 
-        sweep = a.sweep_dir or ROOT / "outputs" / "gaussian_table" / "multiruns" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-        launch(a.dims, a.pairs, sweep, a.overrides, a.launcher)
+        sweep = a.sweep_dir or ROOT / "outputs" / "gaussian_table" / "multiruns" / datetime.now().strftime(
+            "%Y-%m-%d_%H-%M-%S"
+        )
+        launch("gaussian", {"data.dim": a.dims, "data.pair": a.pairs}, sweep, a.overrides, a.launcher)
     else:
         sweep = a.collect
     rows = collect(sweep)

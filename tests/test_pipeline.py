@@ -26,6 +26,8 @@ TINY = [  # ++ adds or overrides, so the same list fits every sampler / score op
     "++eval.batch_size=300",
     "++sampler.n_steps_each=5",
     "++sampler.n_steps=100",
+    "++eval.density.n_pairs=300",
+    "++eval.density.grid=30",
 ]
 
 
@@ -156,7 +158,17 @@ def test_swiss_roll_joint_metric_against_pot_plan(tmp_path):
 
 
 def test_online_sinkhorn_dual_stage(tmp_path):
-    cfg = make_cfg(tmp_path, ["+experiment=gaussian", "data.dim=2", "dual=online_sinkhorn", "dual.steps=15", "dual.solver.max_support=1500", *TINY])
+    cfg = make_cfg(
+        tmp_path,
+        [
+            "+experiment=gaussian",
+            "data.dim=2",
+            "dual=online_sinkhorn",
+            "dual.steps=15",
+            "dual.solver.max_support=1500",
+            *TINY,
+        ],
+    )
     m = run(cfg, tmp_path / "run")
     bw = {k: v["bw_uvp"] for k, v in m["methods"].items()}
     # exact potentials are not needed: Online Sinkhorn's ∇ψ already puts SCONES far below the independent coupling
@@ -166,8 +178,18 @@ def test_online_sinkhorn_dual_stage(tmp_path):
 
 
 def test_eot_benchmark_experiment_reports_cbw_uvp(tmp_path):
-    cfg = make_cfg(tmp_path, ["+experiment=eot_benchmark", "data.dim=2", "data.eps=1", *TINY,
-                              "++eval.conditional_n_x=20", "++eval.conditional_n_per_x=50", "++eval.pot_reference_n=0"])
+    cfg = make_cfg(
+        tmp_path,
+        [
+            "+experiment=eot_benchmark",
+            "data.dim=2",
+            "data.eps=1",
+            *TINY,
+            "++eval.conditional_n_x=20",
+            "++eval.conditional_n_per_x=50",
+            "++eval.pot_reference_n=0",
+        ],
+    )
     m = run(cfg, tmp_path / "run")
     c = m["conditional"]["cbw_uvp_percent"]
     assert set(c) == {"scones", "bp", "independent", "exact"}

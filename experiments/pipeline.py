@@ -243,7 +243,7 @@ def sample_scones(
 ) -> torch.Tensor | None:
     """Conditional Langevin for every source in ``x``, in chunks of ``eval.batch_size`` chains.
 
-    Chunk ``c`` draws its noise from its own generator (seeded from one draw of ``g`` and ``c``), so the samples
+    Chunk ``c`` draws its noise from its own generator (seeded from ``g``'s state and ``c``), so the samples
     do not depend on how chunks are spread over processes. With an initialised process group (``trainer=ddp``)
     rank r samples chunks r, r+W, r+2W, ... and rank 0 gathers all of them; the other ranks return ``None``.
     A failure on any rank is raised on every rank (no rank waits forever in the gather).
@@ -252,7 +252,8 @@ def sample_scones(
     if bs < 1:
         raise ConfigError(f"eval.batch_size={bs} must be >= 1")
     starts = list(range(0, x.shape[0], bs))
-    base = int(torch.randint(0, 2**62, (1,), generator=g))
+    peek = torch.Generator().set_state(g.get_state())  # chunk seeds from g's state, leaving g untouched
+    base = int(torch.randint(0, 2**62, (1,), generator=peek))
     rank, world = (global_rank(), world_size()) if is_distributed() else (0, 1)
     mine = [c for c in range(len(starts)) if c % world == rank]
     desc = "sampling" if world == 1 else f"sampling (rank 0 of {world})"

@@ -15,12 +15,11 @@ mid-stage resumes from ``checkpoints/last.ckpt``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,8 +27,19 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
-from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from experiments.distributed import is_rank_zero
+from experiments.logging_utils import ResumableCSVLogger, active_tracker, progress_bar
+from experiments.stage_runtime import (
+    AtomicCheckpointIO,
+    StageRuntime,
+    checkpoint_step,
+    remove_stale_temporaries,
+    stage_lock,
+    submodule_path,
+)
+from scones.data.streams import SampleStream
 
 log = logging.getLogger(__name__)
 
@@ -243,6 +253,30 @@ def build_trainer(
     )
 
 
+def resume_point(stage: Stage) -> tuple[Path | None, int]:
+    """Newest loadable checkpoint of an unfinished stage and its ``global_step`` (``(None, 0)``: start fresh).
+
+    ``last.ckpt`` first, then the ``step*.ckpt`` kept next to it; an unreadable file is skipped with a warning
+    (checkpoints are written atomically, so this only happens to files damaged by something else). If every
+    checkpoint is unreadable the stage fails with a one-line error instead of silently restarting.
+    """
+    ckpt_dir = stage.dir / "checkpoints"
+    candidates = [stage.last_ckpt] + sorted(ckpt_dir.glob("step*.ckpt"), key=checkpoint_step, reverse=True)
+    candidates = [c for c in candidates if c.is_file()]
+    if not candidates:
+        return None, 0
+    stage.check_owner()
+    errors = []
+    for path in candidates:
+        try:
+            meta = load_checkpoint(path, f"stage '{stage.name}' (resume point)", stage.dir, mmap=True)
+            return path, int(meta["global_step"])
+        except (StageError, KeyError, TypeError) as e:
+            errors.append(str(e))
+            log.warning("stage %s: skipping unusable checkpoint %s", stage.name, path)
+    raise StageError(errors[0])
+
+
 def run_training_stage(
     cfg: DictConfig,
     stage: Stage,
@@ -252,28 +286,57 @@ def run_training_stage(
     save_module: torch.nn.Module,
     extra_loggers: list | None = None,
 ) -> Stage:
-    """Train ``module`` for ``max_steps`` unless the stage is cached; always leaves ``save_module`` trained."""
+    """Train ``module`` for ``max_steps`` unless the stage is cached; always leaves ``save_module`` trained.
+
+    Works for one process and for DDP (``trainer.strategy`` ``ddp`` or ``ddp_spawn``): the weights are always
+    taken from the ``final.pt`` that rank 0 writes inside the training process(es) (see
+    :class:`experiments.stage_runtime.StageRuntime`), because ``ddp_spawn`` workers never hand theirs back.
+    The launching process holds an exclusive lock on the stage while training, so concurrent runs needing the
+    same stage train it once. The batch stream's ``batch_size`` is the global batch (split across ranks).
+    """
     if stage.is_done():
         stage.load_weights(save_module)
         log.info("stage %s: reusing %s (trained in %.0f s)", stage.name, stage.dir, stage.seconds)
         return stage
-    stage.dir.mkdir(parents=True, exist_ok=True)
-    ckpt = stage.last_ckpt if stage.last_ckpt.exists() else None
-    if ckpt is not None:
-        stage.check_owner()
-        load_checkpoint(ckpt, f"stage '{stage.name}' (resume point)", stage.dir, mmap=True)  # fail clearly
-        log.info("stage %s: resuming from %s", stage.name, ckpt)
-    else:
-        log.info("stage %s: training %d steps into %s", stage.name, max_steps, stage.dir)
-    atomic_write_json(stage.owner_file, {"stage": stage.name, "key": stage.key})
-    trainer = build_trainer(cfg, stage, max_steps, extra_loggers)
-    t0 = time.perf_counter()
-    trainer.fit(module, train_dataloaders=train_loader, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
-    seconds = time.perf_counter() - t0
-    if trainer.global_step < max_steps:
-        raise StageError(f"stage '{stage.name}' stopped at step {trainer.global_step} < {max_steps}; rerun to resume")
-    if trainer.is_global_zero:
-        stage.finish(save_module, seconds, {"steps": max_steps, "resumed": ckpt is not None})
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    launcher = is_rank_zero()  # ranks > 0 of a `ddp` launch join rank 0's fit and never take the lock
+    with stage_lock(stage.dir, stage.name) if launcher else contextlib.nullcontext():
+        if stage.is_done():  # another process trained it while we waited for the lock
+            stage.load_weights(save_module)
+            log.info("stage %s: reusing %s (trained meanwhile by another process)", stage.name, stage.dir)
+            return stage
+        stage.dir.mkdir(parents=True, exist_ok=True)
+        if launcher:
+            remove_stale_temporaries(stage.dir)
+        ckpt, start_step = resume_point(stage)
+        if ckpt is not None:
+            log.info("stage %s: resuming from %s (step %d/%d)", stage.name, ckpt, start_step, max_steps)
+        else:
+            log.info("stage %s: training %d steps into %s", stage.name, max_steps, stage.dir)
+        if launcher:
+            atomic_write_json(stage.owner_file, {"stage": stage.name, "key": stage.key})
+        if OmegaConf.is_config(stage.config):  # plain data: ddp_spawn pickles the stage (no resolvers there)
+            stage.config = OmegaConf.to_container(stage.config, resolve=True)
+        stream = getattr(train_loader, "dataset", None)
+        if not isinstance(stream, SampleStream):
+            stream = None
+        elif stream.name == "batch_size":
+            stream.name = f"{stage.name}.batch_size"
+        runtime = StageRuntime(
+            stage, submodule_path(module, save_module), max_steps, stream, start_step, cfg.get("num_threads")
+        )
+        loggers = list(extra_loggers or []) + active_tracker().stage_loggers(stage.name)
+        trainer = build_trainer(cfg, stage, max_steps, loggers, runtime, resume_step=start_step if ckpt else None)
+        if stream is not None and stream.batch_size % max(1, trainer.world_size):
+            raise StageError(
+                f"{stream.name}={stream.batch_size} is the GLOBAL batch size and must be divisible by the "
+                f"{trainer.world_size} training processes (trainer.devices × trainer.num_nodes)"
+            )
+        trainer.fit(module, train_dataloaders=train_loader, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
+    if not stage.is_done():  # rank 0 writes done.json in the training process once max_steps is reached
+        raise StageError(
+            f"stage '{stage.name}' stopped before step {max_steps} (at {trainer.global_step} in this process); "
+            f"rerun the same command to resume from {stage.dir / 'checkpoints'}"
+        )
+    stage.load_weights(save_module)
+    stage.cached = False
     return stage

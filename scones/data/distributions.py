@@ -73,9 +73,19 @@ class Gaussian(Distribution):
         z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
         return (self.mean64 + z @ self._chol.T).float()
 
+    def _score_constants(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        """(Σ⁻¹, m Σ⁻¹) in ``like``'s dtype/device, cast once per (dtype, device) and cached (samplers call
+        ``score`` thousands of times; converting the float64 matrices every call dominated small-d steps)."""
+        cache = self.__dict__.setdefault("_score_cache", {})
+        key = (like.dtype, like.device)
+        if key not in cache:
+            cache[key] = (self._prec.to(like), (self.mean64 @ self._prec).to(like))
+        return cache[key]
+
     def score(self, y: Tensor) -> Tensor:
-        prec = self._prec.to(y)
-        return -(y - self.mean64.to(y)) @ prec  # prec symmetric
+        """−Σ⁻¹(y − m) for a batch ``(n, d)``, computed as m Σ⁻¹ − y Σ⁻¹ in one ``addmm`` (Σ⁻¹ symmetric)."""
+        prec, shift = self._score_constants(y)
+        return torch.addmm(shift, y, prec, alpha=-1.0)
 
     def log_prob(self, y: Tensor) -> Tensor:
         diff = y.double() - self.mean64

@@ -12,7 +12,14 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from scones.models.dual import check_finite_loss, compatibility, violation_matrix
+from scones.models.dual import (
+    adam,
+    check_finite_loss,
+    compatibility,
+    is_log_step,
+    log_skipped_step,
+    violation_matrix,
+)
 
 
 class BarycentricModule(pl.LightningModule):
@@ -42,11 +49,12 @@ class BarycentricModule(pl.LightningModule):
         loss = self.loss(x, y)
         if not torch.isfinite(loss):
             if self.skip_nonfinite:
-                self.log("train/skipped_nonfinite", 1.0, reduce_fx="sum")
+                log_skipped_step(self)
                 return None
             check_finite_loss(loss, "bp", self.global_step)
-        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
+        if is_log_step(self):
+            self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         return loss
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.net.parameters(), lr=self.lr)
+        return adam(self, self.net.parameters(), lr=self.lr)

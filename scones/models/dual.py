@@ -30,6 +30,48 @@ def check_finite_loss(loss: Tensor, stage: str, step: int) -> None:
         )
 
 
+def log_skipped_step(module: pl.LightningModule) -> None:
+    """Count a step skipped for a non-finite loss; logs the running count ``train/skipped_nonfinite``.
+
+    Lightning repeats a key's last value on steps where it is not logged, so a running count (not 1 per skip)
+    keeps the CSV curve truthful. Counted per process since the stage (re)started.
+    """
+    module.n_skipped_nonfinite = getattr(module, "n_skipped_nonfinite", 0) + 1
+    module.log("train/skipped_nonfinite", float(module.n_skipped_nonfinite))
+
+
+def is_log_step(module: pl.LightningModule) -> bool:
+    """True on the steps whose metrics Lightning writes to its loggers (every ``trainer.log_every_n_steps`` and
+    the last step); outside a Trainer always True.
+
+    A ``self.log`` call costs ~2 ms on CPU (Lightning's result collection; an all-reduce per call with
+    ``sync_dist`` under DDP), so the modules log per-step metrics only on these steps: the written curves are
+    the same, the step is ~15% faster at the default sizes (docs/performance.md).
+    """
+    try:
+        trainer = module.trainer
+    except RuntimeError:  # not attached to a Trainer
+        return True
+    step, every = module.global_step + 1, int(trainer.log_every_n_steps or 0)
+    return (every > 0 and step % every == 0) or step >= (trainer.max_steps or 0) > 0 or trainer.should_stop
+
+
+def adam(module: pl.LightningModule, params, lr: float, **kwargs) -> torch.optim.Adam:
+    """``torch.optim.Adam`` with the fused kernel when it is safe (one kernel updates every parameter).
+
+    Fused: every parameter a float tensor on CPU/CUDA and no gradient clipping configured (Lightning's
+    mixed-precision plugins refuse to clip with an optimizer that unscales internally). Same update as the
+    default Adam; the optimizer step is ≈3× faster on CPU (docs/performance.md).
+    """
+    params = list(params)
+    try:
+        clip = float(module.trainer.gradient_clip_val or 0.0) > 0.0
+    except RuntimeError:  # not attached to a Trainer
+        clip = False
+    fused = not clip and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.Adam(params, lr=lr, fused=True if fused else None, **kwargs)
+
+
 class DualPotentials(nn.Module):
     """φ, ψ with a cost and a regulariser: everything needed to evaluate the compatibility H.
 
@@ -89,7 +131,10 @@ def dual_objective(pot, x: Tensor, y: Tensor, pairs: str = "all") -> tuple[Tenso
         v = fx + gy - pot.cost(x, y)
     else:
         raise ValueError(f"dual.pairs must be 'all' or 'diagonal', got {pairs!r}")
-    j = fx.mean() + gy.mean() - pot.regularizer.penalty(v).mean()
+    penalty = pot.regularizer.penalty(v).mean()
+    j = fx.mean() + gy.mean() - penalty
+    if getattr(pot.regularizer, "name", None) == "kl":  # H = exp(V/λ) = 1 + H*(V)/λ: no second n² exp for the log
+        return j, 1.0 + penalty.detach() / pot.regularizer.lam
     return j, pot.regularizer.density(v.detach()).mean()
 
 
@@ -119,15 +164,14 @@ class DualModule(pl.LightningModule):
         loss = -j
         if not torch.isfinite(loss):
             if self.skip_nonfinite:
-                self.log("train/skipped_nonfinite", 1.0, reduce_fx="sum")
+                log_skipped_step(self)
                 return None
             check_finite_loss(loss, "dual", self.global_step)
-        self.log_dict(
-            {"train/dual": j, "train/loss": loss, "train/mean_H": mean_h}, prog_bar=True, sync_dist=True
-        )
+        if is_log_step(self):
+            self.log_dict(
+                {"train/dual": j, "train/loss": loss, "train/mean_H": mean_h}, prog_bar=True, sync_dist=True
+            )
         return loss
 
     def configure_optimizers(self):
-        return torch.optim.Adam(
-            self.potentials.parameters(), lr=self.lr, betas=self.betas, weight_decay=self.weight_decay
-        )
+        return adam(self, self.potentials.parameters(), lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)

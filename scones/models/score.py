@@ -6,7 +6,8 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from scones.models.dual import check_finite_loss
+from scones.models.dual import adam, check_finite_loss, is_log_step, log_skipped_step
+from scones.nets.ema import EMA
 
 
 def dsm_loss(
@@ -53,29 +54,90 @@ def dsm_loss(
 
 
 class ScoreModule(pl.LightningModule):
-    """Trains a noise-conditional score network ``net(y, sigma)`` on target samples by DSM."""
+    """Trains a noise-conditional score network ``net(y, sigma)`` on target samples by DSM.
+
+    Args:
+        net: the score network, called as ``net(y, sigma)`` with σ values ``(n,)``.
+        sigmas: training schedule ``(L,)`` (levels drawn uniformly per sample).
+        lr: Adam learning rate.
+        skip_nonfinite: skip (and count) steps with a NaN/Inf loss instead of stopping.
+        ema_decay: if set, keep an exponential moving average of the weights (:class:`scones.nets.ema.EMA`,
+            updated after every optimizer step; NCSNv2 uses 0.999). The EMA is part of ``state_dict()``
+            (``_extra_state``), hence of the Lightning checkpoint and of the stage's ``final.pt``, and
+            :meth:`score` samples with the averaged weights.
+        callbacks: extra Lightning callbacks this module brings to its trainer (e.g. sample grids).
+    """
 
     def __init__(
-        self, net: nn.Module, sigmas: Tensor, lr: float = 1e-3, skip_nonfinite: bool = False
+        self,
+        net: nn.Module,
+        sigmas: Tensor,
+        lr: float = 1e-3,
+        skip_nonfinite: bool = False,
+        ema_decay: float | None = None,
+        callbacks: list | None = None,
     ) -> None:
         super().__init__()
         self.net, self.lr, self.skip_nonfinite = net, lr, skip_nonfinite
         self.register_buffer("sigmas", torch.as_tensor(sigmas, dtype=torch.float32))
+        # registered on the first optimizer step; empty until then (sampling refuses an empty average)
+        self.ema: EMA | None = None if ema_decay is None else EMA(decay=ema_decay)
+        self._extra_callbacks = list(callbacks or [])
+        self._averaged: list[nn.Module] = []  # cached EMA copy of ``net`` (a list: not a registered submodule)
 
     def training_step(self, batch, batch_idx):
         y = batch[-1] if isinstance(batch, (tuple, list)) else batch
         loss = dsm_loss(self.net, y, self.sigmas)
         if not torch.isfinite(loss):
             if self.skip_nonfinite:
-                self.log("train/skipped_nonfinite", 1.0, reduce_fx="sum")
+                log_skipped_step(self)
                 return None
             check_finite_loss(loss, "score", self.global_step)
-        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
+        if is_log_step(self):
+            self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         return loss
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.net.parameters(), lr=self.lr)
+        return adam(self, self.net.parameters(), lr=self.lr)
 
-    def score(self, y: Tensor, level: int) -> Tensor:
-        """s_θ(y, σ_level) for a whole batch."""
-        return self.net(y, self.sigmas[level].expand(y.shape[0]))
+    def configure_callbacks(self):
+        return self._extra_callbacks
+
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:  # before any callback (checkpoint) sees the step
+            self.ema.update(self.net)
+            self._averaged.clear()
+
+    # EMA persistence: nn.Module's extra state travels with state_dict() (Lightning checkpoints, final.pt)
+    def get_extra_state(self) -> dict:
+        return {} if self.ema is None else {"ema": self.ema.state_dict()}
+
+    def set_extra_state(self, state: dict) -> None:
+        if state and state.get("ema") is not None:
+            if self.ema is None:  # weights trained with EMA loaded into a module built without it
+                self.ema = EMA(decay=float(state["ema"]["decay"]))
+            self.ema.load_state_dict(state["ema"])
+            self._averaged.clear()
+
+    def _apply(self, fn, *args, **kwargs):  # .to(device) / .double(): rebuild the EMA copy lazily
+        getattr(self, "_averaged", []).clear()
+        return super()._apply(fn, *args, **kwargs)
+
+    def sampling_net(self) -> nn.Module:
+        """The network used by :meth:`score`: the EMA-averaged copy (eval mode) if EMA is on, else ``net``."""
+        if self.ema is None:
+            return self.net
+        if not self.ema.shadow:
+            raise RuntimeError("ScoreModule: EMA is on but holds no averaged weights (not trained or not restored)")
+        if not self._averaged:
+            self._averaged.append(self.ema.averaged_copy(self.net).eval().requires_grad_(False))
+        return self._averaged[0]
+
+    def score(self, y: Tensor, level: int | float) -> Tensor:
+        """s_θ(y, σ) for a whole batch: ``level`` an int index into ``sigmas`` or a float σ."""
+        if isinstance(level, float):
+            sigma = torch.full((y.shape[0],), level, dtype=y.dtype, device=y.device)
+        else:
+            sigma = self.sigmas[level].to(y.dtype).expand(y.shape[0])
+        return self.sampling_net()(y, sigma)

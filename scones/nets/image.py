@@ -2,6 +2,11 @@
 
 All take images ``(n, C, H, W)`` in [0, 1].
 
+Constructor convention (the pipeline's, shared with :mod:`scones.nets.mlp`): potentials receive the flat data
+dimension ``dim = C·H·W``, barycentric-projection nets ``in_dim`` and ``out_dim``; each may also be given as an
+image shape ``(C, H, W)``. Convolutional nets additionally take ``channels`` (configs: ``${data.channels}``)
+and check it against the flat dimensions they receive.
+
 * :class:`ImageMLPPotential` — the critic used for φ and ψ ("FCImageCritic"):
   ``Linear(D→h_0) → [Linear(h_{k−1}→h_k), ReLU] × (K−2) → Linear(h_{K−2}→h_{K−1}) → ReLU → Linear(h_{K−1}→1)``
   for ``hidden = [h_0, …, h_{K−1}]`` (D = C·H·W). As in the official code there is *no* non-linearity
@@ -21,21 +26,32 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from scones.nets.ncsn import RefineNet
+from scones.nets.mlp import ACTIVATIONS
+from scones.nets.ncsn import RefineNet, check_flat_dim
 
 
-def critic_mlp(in_dim: int, hidden: Sequence[int], out_dim: int, bias: bool = True) -> nn.Sequential:
-    """The SCONES critic body: input projection, ReLU MLP over ``hidden`` (no activation after the
-    projection), ReLU, output projection. See the module docstring for the exact layer list."""
+def _numel(shape: Sequence[int] | int) -> int:
+    return int(shape) if isinstance(shape, int) else math.prod(int(s) for s in shape)
+
+
+def critic_mlp(
+    in_dim: int, hidden: Sequence[int], out_dim: int, bias: bool = True, activation: str = "relu"
+) -> nn.Sequential:
+    """The SCONES critic body: input projection, MLP over ``hidden`` (no activation after the
+    projection), activation, output projection. See the module docstring for the exact layer list.
+    ``activation`` is ReLU in the paper; a smooth one (``silu``) gives a smooth ∇ψ for Langevin."""
     hidden = [int(h) for h in hidden]
     if not hidden or min(hidden) < 1:
         raise ValueError(f"hidden must be a non-empty list of positive widths, got {hidden}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}")
+    act = ACTIVATIONS[activation]
     layers: list[nn.Module] = [nn.Linear(in_dim, hidden[0], bias=bias)]
     for k in range(1, len(hidden)):
         layers.append(nn.Linear(hidden[k - 1], hidden[k], bias=bias))
         if k < len(hidden) - 1:
-            layers.append(nn.ReLU())
-    layers += [nn.ReLU(), nn.Linear(hidden[-1], out_dim, bias=bias)]
+            layers.append(act())
+    layers += [act(), nn.Linear(hidden[-1], out_dim, bias=bias)]
     return nn.Sequential(*layers)
 
 
@@ -43,16 +59,21 @@ class ImageMLPPotential(nn.Module):
     """Scalar potential on flattened images: ``forward(x) -> (n,)``.
 
     Args:
-        shape: image shape ``(C, H, W)`` (or any shape; it is flattened) or the flat dimension.
+        dim: flat input dimension D = C·H·W, or the image shape ``(C, H, W)`` (flattened).
         hidden: hidden widths ``[h_0, …]``.
+        activation: non-linearity of the body (paper: ``relu``).
     """
 
     def __init__(
-        self, shape: Sequence[int] | int, hidden: Sequence[int] = (1024, 1024), bias: bool = True
+        self,
+        dim: Sequence[int] | int,
+        hidden: Sequence[int] = (1024, 1024),
+        bias: bool = True,
+        activation: str = "relu",
     ) -> None:
         super().__init__()
-        self.in_dim = int(shape) if isinstance(shape, int) else math.prod(int(s) for s in shape)
-        self.net = critic_mlp(self.in_dim, hidden, 1, bias=bias)
+        self.in_dim = _numel(dim)
+        self.net = critic_mlp(self.in_dim, hidden, 1, bias=bias, activation=activation)
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.reshape(x.shape[0], -1)
@@ -64,24 +85,27 @@ class ImageMLPPotential(nn.Module):
 
 
 class FCSampler(nn.Module):
-    """MLP barycentric projection T(x) = ½(tanh(MLP(2x − 1)) + 1), reshaped to ``out_shape``.
+    """MLP barycentric projection T(x) = ½(tanh(MLP(2x − 1)) + 1), reshaped to ``out_dim``.
 
     Args:
-        in_shape: source image shape ``(C, H, W)``.
-        out_shape: target image shape (defaults to ``in_shape``).
+        in_dim: flat source dimension, or the source image shape ``(C, H, W)``.
+        out_dim: flat target dimension (output ``(n, out_dim)``) or target image shape (output
+            ``(n, *out_dim)``); defaults to ``in_dim``.
         hidden: hidden widths (paper: [2048]×4).
+        activation: non-linearity of the body (paper: ``relu``).
     """
 
     def __init__(
         self,
-        in_shape: Sequence[int],
-        out_shape: Sequence[int] | None = None,
+        in_dim: Sequence[int] | int,
+        out_dim: Sequence[int] | int | None = None,
         hidden: Sequence[int] = (2048, 2048, 2048, 2048),
+        activation: str = "relu",
     ) -> None:
         super().__init__()
-        self.in_shape = tuple(int(s) for s in in_shape)
-        self.out_shape = self.in_shape if out_shape is None else tuple(int(s) for s in out_shape)
-        self.net = critic_mlp(math.prod(self.in_shape), hidden, math.prod(self.out_shape))
+        out_dim = in_dim if out_dim is None else out_dim
+        self.out_shape = (int(out_dim),) if isinstance(out_dim, int) else tuple(int(s) for s in out_dim)
+        self.net = critic_mlp(_numel(in_dim), hidden, math.prod(self.out_shape), activation=activation)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.net((2.0 * x - 1.0).reshape(x.shape[0], -1))
@@ -94,10 +118,19 @@ class ResidualSampler(nn.Module):
     Args:
         channels: image channels C (input and output).
         ngf: base width of the RefineNet (paper: 48 for CelebA 64 px).
+        in_dim, out_dim: flat dimensions passed by the pipeline; only checked (equal, divisible by
+            ``channels``) since the convolutional net works at any even H, W.
     """
 
-    def __init__(self, channels: int = 3, ngf: int = 48) -> None:
+    def __init__(
+        self, channels: int = 3, ngf: int = 48, in_dim: int | None = None, out_dim: int | None = None
+    ) -> None:
         super().__init__()
+        if in_dim is not None and out_dim is not None and _numel(in_dim) != _numel(out_dim):
+            raise ValueError(f"ResidualSampler maps images to images of the same size; got in_dim={in_dim}, "
+                             f"out_dim={out_dim}")
+        for d in (in_dim, out_dim):
+            check_flat_dim(type(self).__name__, d, channels)
         self.body = RefineNet(channels, ngf, num_classes=None)
 
     def forward(self, x: Tensor) -> Tensor:

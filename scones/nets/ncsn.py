@@ -17,6 +17,8 @@ Conventions (shared by every score network in this file)
   - an *integer* tensor ``(n,)`` (or Python int) of level indices into ``sigmas`` (0 = largest σ).
 
   ``net.score(y, level)`` is the same call, spelled for samplers.
+* Pipeline convention: score networks are built with the flat data dimension ``dim = C·H·W`` (as the MLP
+  score nets are) plus ``channels``; ``dim`` is only checked (a RefineNet works at any even H, W).
 * NCSN v1 is conditioned on the level index (conditional InstanceNorm++ embeddings) and predicts the score
   directly; σ values are mapped to the index of the equal stored level (an error if there is none).
   NCSNv2 is unconditional and returns ``f_θ(y) / σ`` (noise-level-agnostic network), so it accepts any σ
@@ -34,6 +36,7 @@ and ≥ 4 (8×8 digits run at 8×8 / 4×4 internally).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -42,8 +45,17 @@ from torch import Tensor, nn
 
 from scones.sampling.schedules import geometric_sigmas
 
-# --------------------------------------------------------------------------------------------------
-# loss
+
+def check_flat_dim(name: str, dim: int | Sequence[int] | None, channels: int) -> None:
+    """Check a flat dimension (or shape) handed to a convolutional net against its number of channels."""
+    if dim is None:
+        return
+    flat = int(dim) if isinstance(dim, int) else math.prod(int(s) for s in dim)
+    if flat < 1 or flat % int(channels):
+        raise ValueError(
+            f"{name}: data dimension {flat} is not a whole number of {channels}-channel images; set channels "
+            "to the image channels (configs: channels: ${data.channels})"
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -286,9 +298,14 @@ class RefineNet(nn.Module):
 
 
 class ScoreNetwork(nn.Module):
-    """Base class: holds the schedule ``sigmas`` (buffer, ``(L,)``) and resolves the noise argument ``t``."""
+    """Base class: holds the schedule ``sigmas`` (buffer, ``(L,)``) and resolves the noise argument ``t``.
+
+    ``level_conditional`` is True when the network only knows the σ values of its own schedule (NCSN v1):
+    a sampler must then use exactly those levels.
+    """
 
     sigmas: Tensor
+    level_conditional: bool = False
 
     def __init__(self, sigmas: Tensor | Sequence[float]) -> None:
         super().__init__()
@@ -359,9 +376,16 @@ class NCSN(ScoreNetwork):
     schedule; returns the score estimate ``(n, C, H, W)``. Paper digits: ``ngf=64``, 10 levels 1 → 0.01.
     """
 
+    level_conditional = True
+
     def __init__(
-        self, channels: int = 1, ngf: int = 64, sigmas: Tensor | Sequence[float] | None = None
+        self,
+        channels: int = 1,
+        ngf: int = 64,
+        sigmas: Tensor | Sequence[float] | None = None,
+        dim: int | None = None,
     ) -> None:
+        check_flat_dim(type(self).__name__, dim, channels)
         super().__init__(geometric_sigmas(1.0, 0.01, 10) if sigmas is None else sigmas)
         self.channels, self.ngf = channels, ngf
         self.body = RefineNet(channels, ngf, num_classes=self.num_levels)
@@ -386,8 +410,13 @@ class NCSNv2(ScoreNetwork):
     """
 
     def __init__(
-        self, channels: int = 3, ngf: int = 128, sigmas: Tensor | Sequence[float] | None = None
+        self,
+        channels: int = 3,
+        ngf: int = 128,
+        sigmas: Tensor | Sequence[float] | None = None,
+        dim: int | None = None,
     ) -> None:
+        check_flat_dim(type(self).__name__, dim, channels)
         super().__init__(geometric_sigmas(90.0, 0.01, 500) if sigmas is None else sigmas)
         self.channels, self.ngf = channels, ngf
         self.body = RefineNet(channels, ngf, num_classes=None)
@@ -403,4 +432,5 @@ __all__ = [
     "InstanceNormPlusPlus",
     "RefineNet",
     "ScoreNetwork",
+    "check_flat_dim",
 ]

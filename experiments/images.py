@@ -1,0 +1,312 @@
+"""Image-specific parts of the pipeline: sample grids, FID and label consistency (hooks called by pipeline.py).
+
+Images are float tensors ``(n, C, H, W)`` in [0, 1]; a pair is an *image pair* when its ``shape`` has 3 entries.
+
+* Score training: :func:`score_callbacks` gives the score stage a :class:`ScoreSampleGrid` callback that draws a
+  few *unconditional* samples from the current (EMA) score network by annealed Langevin and saves them as
+  ``<score stage dir>/samples/step<NNNNNN>.png`` (settings ``eval.score_grid``, outside the stage's cache key).
+* Evaluation (:func:`evaluate_images`), settings under ``eval``:
+
+  - ``samples_grid.png``: one row per source, columns ``source | k SCONES samples | BP`` (``eval.grid``);
+  - FID (:mod:`scones.metrics.fid`) of every method's samples against fresh target samples (``eval.fid``): the
+    Inception-v3 weights come from ``eval.fid.weights_path``, ``$FID_INCEPTION_WEIGHTS`` or the torch hub cache;
+    when they (or ``torch-fidelity``) are missing FID is skipped with a warning and recorded as ``null``;
+    ``eval.fid.feature_extractor`` (a ``_target_`` node) swaps in any feature network (tests: a tiny one);
+  - label consistency (:mod:`scones.metrics.classifier`) when source and target carry digit labels: a small
+    CNN is trained on the target image set (``eval.label_consistency``) and the share of each method's samples
+    classified as their source's digit is reported.
+
+Config keys and defaults (every key optional)::
+
+    eval:
+      grid: {n_sources: 8, samples_per_source: 4}
+      fid: {enabled: true, weights_path: null, feature_extractor: null, n_real: null, batch_size: 250, device: null}
+      label_consistency: {enabled: true, epochs: 15, width: 16, holdout: 0.2, max_train: 10000}
+      score_grid: {every_n_steps: 0, n_samples: 36, step_lr: 1.0e-5, n_steps_each: 5, skip_levels: 0}
+
+(``fid.n_real: null`` = ``eval.n_samples``; ``fid.device: null`` = CUDA when available, else CPU;
+``label_consistency.max_train`` caps the classifier's training images; ``score_grid.every_n_steps: 0`` = only at
+the end of training.)
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+
+from experiments.stages import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+GRID_DEFAULTS = {"n_sources": 8, "samples_per_source": 4}
+FID_DEFAULTS = {
+    "enabled": True, "weights_path": None, "feature_extractor": None, "n_real": None, "batch_size": 250, "device": None,
+}
+LC_DEFAULTS = {"enabled": True, "epochs": 15, "width": 16, "holdout": 0.2, "max_train": 10000}
+SCORE_GRID_DEFAULTS = {"every_n_steps": 0, "n_samples": 36, "step_lr": 1.0e-5, "n_steps_each": 5, "skip_levels": 0}
+
+
+def is_image(dist) -> bool:
+    """True for distributions of images ``(C, H, W)``."""
+    return len(tuple(getattr(dist, "shape", ()))) == 3
+
+
+def settings(cfg: DictConfig, key: str, defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """``defaults`` updated with the mapping at ``cfg.<key>`` (resolved; absent or null = defaults)."""
+    node = OmegaConf.select(cfg, key, default=None)
+    out = dict(defaults)
+    if node is not None:
+        out.update(OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node))
+    return out
+
+
+def sample_with_labels(dist, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
+    """``n`` samples and, when ``dist`` has labels (digit image sets), the label of each drawn image."""
+    if getattr(dist, "labels", None) is not None:
+        return dist.sample(n, generator=generator, return_labels=True)
+    return dist.sample(n, generator=generator), None
+
+
+# --------------------------------------------------------------------------------------------- grids
+
+
+def grid_png(images: Tensor, nrow: int, min_cell: int = 48) -> bytes:
+    """PNG bytes of a grid of ``images (N, C, H, W)`` (clamped to [0, 1]; small images enlarged, nearest)."""
+    from torchvision.utils import make_grid, save_image
+
+    images = images.detach().float().cpu().clamp(0.0, 1.0)
+    scale = max(1, math.ceil(min_cell / images.shape[-1]))
+    if scale > 1:
+        images = F.interpolate(images, scale_factor=scale, mode="nearest")
+    buf = io.BytesIO()
+    save_image(make_grid(images, nrow=nrow, padding=2, pad_value=1.0), buf, format="png")
+    return buf.getvalue()
+
+
+def save_comparison_grid(path: Path, x: Tensor, y: Tensor, y_bp: Tensor) -> None:
+    """Rows = sources; columns ``x_i | y_i1 … y_ik | T(x_i)``.
+
+    ``x``, ``y_bp``: ``(r, C, H, W)``; ``y``: ``(r, k, C, H, W)``.
+    """
+    r, k = y.shape[:2]
+    rows = torch.cat([x[:, None], y, y_bp[:, None]], dim=1)  # (r, k + 2, C, H, W)
+    atomic_write_bytes(path, grid_png(rows.reshape(r * (k + 2), *x.shape[1:]), nrow=k + 2))
+
+
+class ScoreSampleGrid(pl.Callback):
+    """Unconditional samples of the score model during training, saved as ``out_dir/step<NNNNNN>.png``.
+
+    Annealed Langevin (:func:`scones.sampling.langevin.annealed_langevin`) over the model's training schedule
+    from y₀ ~ U[0, 1]^D (NCSN's ``data_init: false``), with the same noise at every save so grids are
+    comparable across steps; uses :meth:`ScoreModule.score` (the EMA weights when EMA is on). Runs on rank 0
+    every ``every_n_steps`` optimizer steps (0: never during training) and at the end of training. A diverging
+    chain is reported as a warning; it never stops training.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        shape: tuple[int, ...],
+        every_n_steps: int = 0,
+        n_samples: int = 36,
+        step_lr: float = 1e-5,
+        n_steps_each: int = 5,
+        skip_levels: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.out_dir, self.shape = Path(out_dir), tuple(int(s) for s in shape)
+        self.every, self.n, self.seed = int(every_n_steps), int(n_samples), int(seed)
+        self.step_lr, self.n_steps_each, self.skip = float(step_lr), int(n_steps_each), int(skip_levels)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every > 0 and step > 0 and step % self.every == 0:
+            self.save(trainer, pl_module, step)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.save(trainer, pl_module, trainer.global_step)
+
+    @torch.no_grad()
+    def sample(self, pl_module) -> Tensor:
+        from scones.sampling.langevin import annealed_langevin
+
+        device = pl_module.sigmas.device
+        g = torch.Generator(device=device).manual_seed(self.seed)
+        y0 = torch.rand((self.n, *self.shape), generator=g, device=device)
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            return annealed_langevin(
+                pl_module.score, y0, pl_module.sigmas, self.step_lr, self.n_steps_each, denoise=True,
+                skip_levels=self.skip, disable=True, generator=g,
+            )
+        finally:
+            pl_module.train(was_training)
+
+    def save(self, trainer, pl_module, step: int) -> None:
+        if not trainer.is_global_zero or self.n < 1:
+            return
+        from scones.sampling.langevin import NonFiniteSampleError
+
+        try:
+            y = self.sample(pl_module)
+        except NonFiniteSampleError as e:
+            log.warning("score sample grid at step %d skipped: %s", step, e)
+            return
+        atomic_write_bytes(self.out_dir / f"step{step:06d}.png", grid_png(y, nrow=max(1, int(math.sqrt(self.n)))))
+
+
+def score_callbacks(cfg: DictConfig, stage_dir: Path, target) -> list[pl.Callback]:
+    """Callbacks of the score stage: a :class:`ScoreSampleGrid` for image targets, nothing otherwise."""
+    if not is_image(target):
+        return []
+    s = settings(cfg, "eval.score_grid", SCORE_GRID_DEFAULTS)
+    return [
+        ScoreSampleGrid(
+            Path(stage_dir) / "samples", tuple(target.shape), s["every_n_steps"], s["n_samples"], s["step_lr"],
+            s["n_steps_each"], s["skip_levels"], seed=int(cfg.seed),
+        )
+    ]
+
+
+# --------------------------------------------------------------------------------------------- metrics
+
+
+def fid_scores(cfg: DictConfig, target, ys: Mapping[str, Tensor], x: Tensor, g: torch.Generator) -> dict:
+    """FID of each method's samples and of the sources against ``fid.n_real`` fresh target samples.
+
+    Returns ``{"methods": {m: fid | None}, "source": fid | None, "extractor", "n_real", "n_fake", "skipped"}``;
+    ``skipped`` holds the reason when FID could not be computed (missing Inception weights, no torch-fidelity).
+    """
+    from hydra.utils import instantiate
+
+    from scones.metrics.fid import FID, FIDWeightsNotFoundError
+
+    s = settings(cfg, "eval.fid", FID_DEFAULTS)
+    n_fake = int(x.shape[0])
+    n_real = int(s["n_real"] or n_fake)
+    out: dict[str, Any] = {
+        "methods": dict.fromkeys(ys), "source": None, "n_real": n_real, "n_fake": n_fake, "skipped": None,
+        "extractor": "custom" if s["feature_extractor"] else "inception-v3",
+    }
+    if not s["enabled"]:
+        out["skipped"] = "eval.fid.enabled=false"
+        return out
+    if n_real < 2 or n_fake < 2:
+        out["skipped"] = "FID needs at least 2 real and 2 generated images"
+        return out
+    extractor = instantiate(s["feature_extractor"]) if s["feature_extractor"] else None
+    try:
+        device = s["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+        metric = FID(
+            extractor, s["weights_path"], input_size=(3, *x.shape[-2:]), device=device, batch_size=int(s["batch_size"])
+        )
+    except (FIDWeightsNotFoundError, ModuleNotFoundError) as e:
+        reason = " ".join(str(e).split())
+        log.warning("FID skipped (recorded as null): %s", reason)
+        out["skipped"] = reason
+        return out
+    metric.update(target.sample(n_real, generator=g), real=True)
+    for name, images in [*ys.items(), ("source", x)]:
+        metric.reset(real=False)
+        metric.update(images, real=False)
+        value = metric.compute()
+        if name == "source":
+            out["source"] = value
+        else:
+            out["methods"][name] = value
+    return out
+
+
+def label_consistency_scores(
+    cfg: DictConfig, target, x: Tensor, x_labels: Tensor | None, ys: Mapping[str, Tensor]
+) -> dict | None:
+    """Share of each method's samples classified as the source's digit, or None without labels.
+
+    A :class:`~scones.metrics.classifier.DigitClassifier` is trained on ``1 − holdout`` of the target image set
+    (seeded); ``heldout_accuracy`` is its accuracy on the rest, ``source_accuracy`` its accuracy on the sources
+    themselves (how recognisable the inputs already are), chance ≈ 0.1.
+    """
+    from scones.metrics.classifier import label_consistency, train_digit_classifier
+
+    s = settings(cfg, "eval.label_consistency", LC_DEFAULTS)
+    images, labels = getattr(target, "images", None), getattr(target, "labels", None)
+    if not s["enabled"] or x_labels is None or images is None or labels is None:
+        return None
+    g = torch.Generator().manual_seed(int(cfg.seed) + 300)
+    perm = torch.randperm(len(labels), generator=g)
+    n_hold = int(round(float(s["holdout"]) * len(labels)))
+    hold, train = perm[:n_hold], perm[n_hold:][: int(s["max_train"])]
+    clf = train_digit_classifier(
+        images[train], labels[train], epochs=int(s["epochs"]), width=int(s["width"]), seed=int(cfg.seed)
+    )
+    out = {
+        "methods": {name: label_consistency(clf, y.float().clamp(0, 1), x_labels) for name, y in ys.items()},
+        "source_accuracy": label_consistency(clf, x, x_labels),
+        "heldout_accuracy": label_consistency(clf, images[hold], labels[hold]) if n_hold else None,
+        "n_train": int(len(train)),
+    }
+    return out
+
+
+def evaluate_images(
+    cfg: DictConfig,
+    run_dir: Path,
+    target,
+    x: Tensor,
+    x_labels: Tensor | None,
+    ys: Mapping[str, Tensor],
+    resample: Callable[[Tensor], Tensor],
+    g: torch.Generator,
+) -> dict:
+    """Grid, FID and label consistency of an image run; returns the metrics.json additions.
+
+    ``ys`` maps method → samples ``(n, C, H, W)`` paired with ``x`` (``scones``, ``bp``, ``independent``);
+    ``resample(x_r)`` draws fresh SCONES samples for the sources ``x_r`` (extra samples of the grid).
+
+    Returns ``{"per_method": {m: {"label_consistency"}?}, "fid": {m: value | None, "source", "n_real", "n_fake",
+    "extractor", "skipped"}, "label_classifier": {...}?, "timings_s": seconds}`` (``per_method`` entries are merged
+    into ``metrics["methods"]``; FID stays in its own block because it may be null).
+    """
+    t0 = time.perf_counter()
+    grid = settings(cfg, "eval.grid", GRID_DEFAULTS)
+    r, k = min(int(grid["n_sources"]), x.shape[0]), max(1, int(grid["samples_per_source"]))
+    if r > 0:
+        xr = x[:r]
+        extra = ys["scones"][:r, None] if k == 1 else resample(xr.repeat_interleave(k, 0)).reshape(r, k, *x.shape[1:])
+        save_comparison_grid(run_dir / "samples_grid.png", xr, extra, ys["bp"][:r])
+    fid = fid_scores(cfg, target, ys, x, g)
+    per_method: dict[str, dict] = {name: {} for name in ys}
+    out: dict[str, Any] = {"per_method": per_method, "fid": {**fid.pop("methods"), **fid}}
+    lc = label_consistency_scores(cfg, target, x, x_labels, ys)
+    if lc is not None:
+        for name, value in lc.pop("methods").items():
+            per_method[name]["label_consistency"] = value
+        out["label_classifier"] = lc
+    out["timings_s"] = round(time.perf_counter() - t0, 2)
+    return out
+
+
+__all__ = [
+    "ScoreSampleGrid",
+    "evaluate_images",
+    "fid_scores",
+    "grid_png",
+    "is_image",
+    "label_consistency_scores",
+    "sample_with_labels",
+    "save_comparison_grid",
+    "score_callbacks",
+]

@@ -1,0 +1,391 @@
+"""Logging for the pipeline: resumable CSV curves, optional W&B tracking, and progress that suits log files.
+
+- :class:`ResumableCSVLogger`: Lightning's CSV logger deletes ``metrics.csv`` when it is reopened; this one keeps
+  the rows of the interrupted session up to the resumed checkpoint's step and appends after them.
+- :class:`Tracker`: one W&B run per pipeline run (``logger=wandb``; rank 0 only): the resolved config, the
+  training losses of every stage under ``<stage>/...`` (each against its own ``<stage>/step`` axis), the
+  evaluation metrics (summary + a per-method table), the run's PNGs as images, and ``samples.npz`` /
+  ``metrics.json`` / each stage's ``final.pt`` as artifacts. Without ``logger.wandb`` every method is a no-op,
+  and ``wandb`` is not imported. The mode comes from ``WANDB_MODE`` (online | offline | disabled).
+- :func:`progress_bar` / :class:`SamplingProgress`: a tqdm bar on a terminal; in non-interactive logs (SLURM
+  files, CI, Hydra's job log) one plain line per 10 % (at most every ``interval_s`` seconds apart otherwise)
+  with rate, elapsed time and ETA instead of carriage-return updates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import TQDMProgressBar
+from pytorch_lightning.callbacks.progress.progress_bar import ProgressBar
+from pytorch_lightning.loggers import CSVLogger, Logger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+from pytorch_lightning.loggers.logger import rank_zero_experiment
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+from experiments.callbacks import flatten_metrics
+from experiments.distributed import is_rank_zero
+
+log = logging.getLogger("scones")
+
+
+def is_interactive() -> bool:
+    """True when progress goes to a terminal (stderr is a TTY)."""
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _emit(message: str) -> None:
+    # spawned DDP workers have no logging configuration: print there instead of losing the line
+    if logging.getLogger().handlers or log.handlers:
+        log.info(message)
+    else:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _hms(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+# --------------------------------------------------------------------------------------------- progress
+
+
+class ProgressLine:
+    """Prints ``desc: done/total unit (pct) | rate | elapsed | ETA | extra`` at each 10 % and every ``interval_s``."""
+
+    def __init__(self, desc: str, total: int, unit: str = "steps", interval_s: float = 60.0, start: int = 0):
+        self.desc, self.total, self.unit, self.interval_s = desc, max(1, int(total)), unit, float(interval_s)
+        self.start = int(start)
+        self._t0 = self._last_t = time.perf_counter()
+        self._last_decile = int(10 * start / self.total)
+
+    def update(self, done: int, extra: str = "", force: bool = False) -> None:
+        now = time.perf_counter()
+        decile = int(10 * min(done, self.total) / self.total)
+        if not (force or decile > self._last_decile or now - self._last_t >= self.interval_s):
+            return
+        self._last_decile, self._last_t = decile, now
+        elapsed = now - self._t0
+        rate = (done - self.start) / elapsed if elapsed > 0 else float("nan")
+        eta = (self.total - done) / rate if rate and rate > 0 else float("nan")
+        pct = 100.0 * done / self.total
+        msg = (
+            f"{self.desc}: {done}/{self.total} {self.unit} ({pct:.0f}%) | {rate:.3g} {self.unit}/s | "
+            f"elapsed {_hms(elapsed)} | ETA {_hms(eta)}"
+        )
+        _emit(msg + (f" | {extra}" if extra else ""))
+
+
+class LogProgressBar(ProgressBar):
+    """Lightning progress "bar" for non-TTY output: :class:`ProgressLine` lines with the logged losses."""
+
+    def __init__(self, desc: str, total_steps: int, interval_s: float = 60.0) -> None:
+        super().__init__()
+        self.desc, self.total_steps, self.interval_s = desc, int(total_steps), float(interval_s)
+        self._enabled = True
+        self._line: ProgressLine | None = None
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    @property
+    def is_enabled(self) -> bool:
+        return self._enabled
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._enabled and trainer.is_global_zero:
+            self._line = ProgressLine(self.desc, self.total_steps, "steps", self.interval_s, trainer.global_step)
+            _emit(f"{self.desc}: starting at step {trainer.global_step}/{self.total_steps}")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._line is None:
+            return
+        metrics = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if k != "v_num"}
+        extra = " ".join(f"{k}={float(v):.4g}" if isinstance(v, (int, float)) else f"{k}={v}"
+                         for k, v in metrics.items())
+        self._line.update(trainer.global_step, extra, force=trainer.global_step >= self.total_steps)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._line = None
+
+
+def progress_bar(desc: str, total_steps: int) -> ProgressBar:
+    """tqdm on a terminal (refreshed ~200 times per stage), log lines otherwise."""
+    if is_interactive():
+        return TQDMProgressBar(refresh_rate=max(1, total_steps // 200))
+    return LogProgressBar(desc, total_steps, interval_s=float(os.environ.get("SCONES_PROGRESS_INTERVAL", 60)))
+
+
+class SamplingProgress:
+    """Wraps a prior score ``(y, level) -> score`` to report Langevin progress in non-TTY logs.
+
+    Every sampler step evaluates the conditional score once, i.e. calls the prior score once, so counting
+    calls counts steps. On a terminal it is a pass-through (the samplers draw their own tqdm bars).
+    """
+
+    def __init__(self, prior_score: Callable, total_steps: int, desc: str = "sampling", enabled: bool | None = None):
+        self.prior_score = prior_score
+        self.calls = 0
+        enabled = (not is_interactive()) if enabled is None else enabled
+        self.line = ProgressLine(desc, total_steps, "steps",
+                                 float(os.environ.get("SCONES_PROGRESS_INTERVAL", 60))) if enabled else None
+
+    def __call__(self, y, level):
+        out = self.prior_score(y, level)
+        self.calls += 1
+        if self.line is not None:
+            self.line.update(min(self.calls, self.line.total), force=self.calls == self.line.total)
+        return out
+
+
+def sampler_steps(sampler: Any) -> int:
+    """Langevin steps (= score evaluations) per chain batch for a ``sampler`` config node."""
+    if sampler.get("kind") == "ula":
+        return int(sampler["n_steps"])
+    levels = int(sampler["n_levels"]) - int(sampler.get("skip_levels", 0))
+    return levels * int(sampler["n_steps_each"]) + int(bool(sampler.get("denoise", True)))
+
+
+# --------------------------------------------------------------------------------------------- CSV
+
+
+class _ResumingWriter(ExperimentWriter):
+    """CSV writer that truncates an existing ``metrics.csv`` to ``step < resume_step`` instead of deleting it."""
+
+    def __init__(self, log_dir: str, resume_step: int | None) -> None:
+        self.resume_step = resume_step
+        super().__init__(log_dir=log_dir)
+
+    def _check_log_dir_exists(self) -> None:
+        path = Path(self.metrics_file_path)
+        if not path.is_file():
+            return
+        if self.resume_step is None:  # fresh start in a used directory: old curves belong to a dead attempt
+            path.unlink()
+            return
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            keys = list(reader.fieldnames or [])
+            rows = [r for r in reader if r.get("step") not in (None, "") and int(float(r["step"])) < self.resume_step]
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, path)
+        self.metrics_keys = keys
+
+
+class ResumableCSVLogger(CSVLogger):
+    """``CSVLogger(save_dir, name, version)`` that resumes an existing ``metrics.csv`` instead of deleting it.
+
+    With ``resume_step`` set, rows with ``step >= resume_step`` (logged after the checkpoint being resumed,
+    hence about to be recomputed) are dropped, earlier rows are kept and new rows are appended under the same
+    header. Without it an old ``metrics.csv`` is removed (a fresh start).
+    """
+
+    def __init__(self, save_dir, name: str = "logs", version: int | str = 0, resume_step: int | None = None,
+                 **kwargs) -> None:
+        super().__init__(save_dir=save_dir, name=name, version=version, **kwargs)
+        self.resume_step = resume_step
+
+    def after_save_checkpoint(self, checkpoint_callback) -> None:
+        # Lightning hands a step's row to the loggers *after* the checkpoint callbacks of that step, so the
+        # row of step G-1 (the last one a resume from global_step G does not recompute) arrives next: flush
+        # now and again after that row, so a kill between checkpoints loses no row before the checkpoint.
+        self.save()
+        self._flush_next = True
+
+    @rank_zero_only
+    def log_metrics(self, metrics, step: int | None = None) -> None:
+        super().log_metrics(metrics, step)
+        if getattr(self, "_flush_next", False):
+            self._flush_next = False
+            self.save()
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ResumingWriter(self.log_dir, self.resume_step)
+        return self._experiment
+
+
+# --------------------------------------------------------------------------------------------- W&B
+
+
+class StageWandbLogger(Logger):
+    """Lightning logger that writes a stage's metrics into an existing W&B run as ``<stage>/<key>``.
+
+    Each stage gets its own x-axis ``<stage>/step`` (stages restart at step 0, so W&B's global step is not
+    used). Under ``ddp_spawn`` the run is re-attached in the worker via ``wandb._attach``.
+    """
+
+    def __init__(self, run, stage: str) -> None:
+        super().__init__()
+        self._run, self.stage = run, stage
+        self._attach_id = getattr(run, "_attach_id", None)
+        self._define()
+
+    def _define(self) -> None:
+        define = getattr(self._run, "define_metric", None)
+        if define is not None:
+            define(f"{self.stage}/step")
+            define(f"{self.stage}/*", step_metric=f"{self.stage}/step")
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_run"] = None
+        return state
+
+    @property
+    def run(self):
+        if self._run is None:
+            import wandb
+
+            if wandb.run is not None:
+                self._run = wandb.run
+            elif self._attach_id is not None:
+                self._run = wandb._attach(self._attach_id)
+        return self._run
+
+    @property
+    def name(self) -> str:
+        return f"wandb-{self.stage}"
+
+    @property
+    def version(self) -> str:
+        return str(getattr(self._run, "id", "0"))
+
+    @rank_zero_only
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass  # the whole resolved config is the run's config
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        run = self.run
+        if run is None:
+            return
+        row = {f"{self.stage}/{k.removeprefix('train/')}": float(v) for k, v in metrics.items() if k != "epoch"}
+        if step is not None:
+            row[f"{self.stage}/step"] = int(step)
+        run.log(row)
+
+
+class Tracker:
+    """Run-level tracking (see module docstring). Build with :meth:`from_config`; always call :meth:`finish`."""
+
+    def __init__(self, run=None, options: dict | None = None) -> None:
+        self.run, self.options = run, dict(options or {})
+
+    @property
+    def enabled(self) -> bool:
+        return self.run is not None
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, run_dir: Path) -> Tracker:
+        wcfg = OmegaConf.select(cfg, "logger.wandb")
+        if not wcfg or not is_rank_zero():
+            return cls(None)
+        import wandb
+
+        opts = OmegaConf.to_container(wcfg, resolve=True)
+        save_dir = Path(opts.get("save_dir") or run_dir)
+        save_dir.mkdir(parents=True, exist_ok=True)
+        init = {
+            "project": opts.get("project") or "scones",
+            "entity": opts.get("entity"),
+            "group": opts.get("group"),
+            "job_type": opts.get("job_type"),
+            "tags": list(opts.get("tags") or []),
+            "notes": opts.get("notes"),
+            "name": opts.get("name") or f"{cfg.get('name', 'run')}-{Path(run_dir).name}",
+            "dir": str(save_dir),
+            "config": OmegaConf.to_container(cfg, resolve=True),
+        }
+        if opts.get("offline"):
+            init["mode"] = "offline"  # prefer WANDB_MODE=offline: this flag overrides WANDB_MODE=disabled
+        run = wandb.init(**{k: v for k, v in init.items() if v is not None})
+        return cls(run, opts)
+
+    def stage_loggers(self, stage: str) -> list[Logger]:
+        return [StageWandbLogger(self.run, stage)] if self.enabled else []
+
+    def log_results(self, metrics: dict, run_dir: Path, stages: dict) -> None:
+        """Evaluation metrics (summary + ``eval/`` history + ``eval/methods`` table), PNGs and artifacts."""
+        if not self.enabled or not metrics:
+            return
+        import wandb
+
+        run_dir = Path(run_dir)
+        flat = flatten_metrics(metrics)
+        self.run.summary.update(flat)
+        self.run.log({f"eval/{k}": v for k, v in flat.items()})
+        methods = metrics.get("methods", {})
+        columns = sorted({k for m in methods.values() for k in m})
+        if methods:
+            rows = [[name] + [methods[name].get(c) for c in columns] for name in methods]
+            self.run.log({"eval/methods": wandb.Table(columns=["method", *columns], data=rows)})
+        images = {f"plots/{p.stem}": wandb.Image(str(p)) for p in sorted(run_dir.glob("*.png"))}
+        if images:
+            self.run.log(images)
+        if self.options.get("log_artifacts", True):
+            art = wandb.Artifact(f"samples-{self.run.id}", type="samples", metadata={"run_dir": str(run_dir)})
+            for name in ("samples.npz", "metrics.json", "config.yaml"):
+                if (run_dir / name).is_file():
+                    art.add_file(str(run_dir / name))
+            self.run.log_artifact(art)
+        if self.options.get("log_checkpoints", True):
+            for name, st in stages.items():
+                if st is None or not st.weights_file.is_file():
+                    continue
+                art = wandb.Artifact(f"{name}-{st.key}", type="checkpoint",
+                                     metadata={"stage": name, "key": st.key, "dir": str(st.dir), **st.info})
+                art.add_file(str(st.weights_file))
+                if st.done_file.is_file():
+                    art.add_file(str(st.done_file))
+                self.run.log_artifact(art)
+
+    def finish(self, exit_code: int = 0) -> None:
+        if self.run is not None:
+            run, self.run = self.run, None
+            run.finish(exit_code=exit_code)
+
+
+_ACTIVE = Tracker(None)
+
+
+def active_tracker() -> Tracker:
+    """The tracker of the pipeline run in progress (a no-op tracker outside :func:`tracking`)."""
+    return _ACTIVE
+
+
+@contextlib.contextmanager
+def tracking(tracker: Tracker):
+    """Make ``tracker`` the :func:`active_tracker` (training stages add its loggers) for the block."""
+    global _ACTIVE
+    previous, _ACTIVE = _ACTIVE, tracker
+    try:
+        yield tracker
+    finally:
+        _ACTIVE = previous

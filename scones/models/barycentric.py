@@ -14,10 +14,9 @@ from torch import nn
 
 from scones.models.dual import (
     adam,
-    check_finite_loss,
     compatibility,
     is_log_step,
-    log_skipped_step,
+    loss_is_usable,
     violation_matrix,
 )
 
@@ -47,11 +46,8 @@ class BarycentricModule(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         loss = self.loss(x, y)
-        if not torch.isfinite(loss):
-            if self.skip_nonfinite:
-                log_skipped_step(self)
-                return None
-            check_finite_loss(loss, "bp", self.global_step)
+        if not loss_is_usable(self, loss, "bp"):
+            return None
         if is_log_step(self):
             self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         return loss

@@ -40,6 +40,18 @@ def log_skipped_step(module: pl.LightningModule) -> None:
     module.log("train/skipped_nonfinite", float(module.n_skipped_nonfinite))
 
 
+def loss_is_usable(module: pl.LightningModule, loss: Tensor, stage: str) -> bool:
+    """True when ``loss`` is finite. Otherwise skip the step (``module.skip_nonfinite``: counted, returns False)
+    or stop training with :class:`NonFiniteLossError` naming the stage and step."""
+    if torch.isfinite(loss):
+        return True
+    if module.skip_nonfinite:
+        log_skipped_step(module)
+        return False
+    check_finite_loss(loss, stage, module.global_step)
+    return False  # unreachable: check_finite_loss raised
+
+
 def is_log_step(module: pl.LightningModule) -> bool:
     """True on the steps whose metrics Lightning writes to its loggers (every ``trainer.log_every_n_steps`` and
     the last step); outside a Trainer always True.
@@ -162,11 +174,8 @@ class DualModule(pl.LightningModule):
         x, y = batch
         j, mean_h = dual_objective(self.potentials, x, y, self.pairs)
         loss = -j
-        if not torch.isfinite(loss):
-            if self.skip_nonfinite:
-                log_skipped_step(self)
-                return None
-            check_finite_loss(loss, "dual", self.global_step)
+        if not loss_is_usable(self, loss, "dual"):
+            return None
         if is_log_step(self):
             self.log_dict(
                 {"train/dual": j, "train/loss": loss, "train/mean_H": mean_h}, prog_bar=True, sync_dist=True

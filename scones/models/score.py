@@ -6,7 +6,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from scones.models.dual import adam, check_finite_loss, is_log_step, log_skipped_step
+from scones.models.dual import adam, is_log_step, loss_is_usable
 from scones.nets.ema import EMA
 
 
@@ -88,11 +88,8 @@ class ScoreModule(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         y = batch[-1] if isinstance(batch, (tuple, list)) else batch
         loss = dsm_loss(self.net, y, self.sigmas)
-        if not torch.isfinite(loss):
-            if self.skip_nonfinite:
-                log_skipped_step(self)
-                return None
-            check_finite_loss(loss, "score", self.global_step)
+        if not loss_is_usable(self, loss, "score"):
+            return None
         if is_log_step(self):
             self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         return loss

@@ -10,15 +10,15 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.collections import LineCollection  # noqa: E402
 import numpy as np  # noqa: E402
 import ot  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.collections import LineCollection  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from scones.metrics.bw_uvp import bw_uvp_samples  # noqa: E402
-from scones.ot.gaussian import entropic_conditional, entropic_joint_covariance  # noqa: E402
 from scones.metrics.sample_distances import energy_distance  # noqa: E402
+from scones.ot.gaussian import entropic_conditional, entropic_joint_covariance  # noqa: E402
 from scones.ot.regularizers import KL  # noqa: E402
 
 log = logging.getLogger(__name__)

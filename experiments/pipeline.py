@@ -97,7 +97,8 @@ def online_sinkhorn_dual(cfg: DictConfig, stage: Stage, source, target, cost, re
 
     if not isinstance(regularizer, KL):
         raise ConfigError(
-            f"dual=online_sinkhorn solves the KL-regularised problem; got regularizer={regularizer!r} (use regularizer=kl)"
+            "dual=online_sinkhorn solves the KL-regularised problem; "
+            f"got regularizer={regularizer!r} (use regularizer=kl)"
         )
     if stage.is_done():
         state = stage.load_state()

@@ -83,7 +83,8 @@ def test_image_experiment_runs_end_to_end(tmp_path, fake_root, name):
     # FID with the configured offline extractor: finite, and exactly 0 nowhere (independent sets of images)
     fid = saved["fid"]
     assert fid["extractor"] == "custom" and fid["skipped"] is None and fid["n_real"] == 8
-    assert all(np.isfinite(fid[k]) and fid[k] >= 0 for k in ("scones", "bp", "independent", "source"))
+    # FID of identical sets is 0 up to float round-off (seen: −6e-9)
+    assert all(np.isfinite(fid[k]) and fid[k] >= -1e-6 for k in ("scones", "bp", "independent", "source"))
     # samples.npz keeps the x / y / y_bp contract, as images (n, C, H, W)
     arrays = np.load(run_dir / "samples.npz")
     side = cfg.data.get("size") or cfg.data.resolution

@@ -4,7 +4,10 @@ Accuracy of the entropic potentials, ‖f − f*‖_var + ‖g − g*‖_var (ma
 the (f + k, g − k) gauge), against the samples consumed per side and the wall time (evaluation excluded):
 
 A. Gaussians N(0, A) → N(0, B) in 2-D (eigenvalues in [0.5, 2]), cost ‖x − y‖², λ = 1: truth = closed-form
-   quadratic potentials (scones.ot.gaussian.entropic_potentials), error on 1000 held-out points per side.
+   quadratic potentials (scones.ot.gaussian.entropic_potentials). Error on the held-out points (1000 per side)
+   inside the 95 % highest-density region (Mahalanobis radius ≤ 2.45); the paper's metric on all held-out
+   points (``error_all``, recorded too) is dominated by the single most extreme test point and too noisy to
+   rank methods with one fixed sample.
 B. The paper's 2-D Gaussian mixtures (``gmm_2d``), λ = 0.5: truth = POT ``sinkhorn_log`` potentials on a large
    fixed reference sample; the stochastic methods draw with replacement from it; error on the reference points.
 
@@ -41,6 +44,8 @@ from scones.ot.discrete import sinkhorn
 from scones.ot.gaussian import entropic_potentials, random_covariance
 from scones.ot.online_sinkhorn import OnlineSinkhorn
 
+CENTRAL_RADIUS = math.sqrt(-2.0 * math.log(0.05))  # χ²₂ 95 % quantile, square-rooted
+
 
 def var_norm(h: torch.Tensor) -> float:
     return float(h.max() - h.min())
@@ -60,8 +65,11 @@ class GaussianProblem:
         self.LB = torch.tensor(np.linalg.cholesky(self.B))
         Qf, Qg = (torch.tensor(q) for q in entropic_potentials(self.A, self.B, lam))
         gen = torch.Generator().manual_seed(10**6)
-        self.xt = torch.randn(n_test, 2, generator=gen, dtype=torch.float64) @ self.LA.T
-        self.yt = torch.randn(n_test, 2, generator=gen, dtype=torch.float64) @ self.LB.T
+        zx = torch.randn(n_test, 2, generator=gen, dtype=torch.float64)
+        zy = torch.randn(n_test, 2, generator=gen, dtype=torch.float64)
+        # Mahalanobis radius ≤ 2.448: the 95 % highest-density region of each Gaussian
+        self.cx, self.cy = zx.norm(dim=1) <= CENTRAL_RADIUS, zy.norm(dim=1) <= CENTRAL_RADIUS
+        self.xt, self.yt = zx @ self.LA.T, zy @ self.LB.T
         self.f_true = ((self.xt @ Qf) * self.xt).sum(1)
         self.g_true = ((self.yt @ Qg) * self.yt).sum(1)
 
@@ -72,10 +80,14 @@ class GaussianProblem:
             lambda n: (torch.randn(n, 2, generator=gen, dtype=torch.float64) @ self.LB.T).to(self.dtype),
         )
 
-    def error(self, pot) -> float:
-        f = pot.f(self.xt.to(self.dtype)).double()
-        g = pot.g(self.yt.to(self.dtype)).double()
-        return var_norm(f - self.f_true) + var_norm(g - self.g_true)
+    def errors(self, pot) -> dict:
+        """``error``: var-norm errors on the held-out points in the 95 % region; ``error_all``: on all of them."""
+        df = pot.f(self.xt.to(self.dtype)).double() - self.f_true
+        dg = pot.g(self.yt.to(self.dtype)).double() - self.g_true
+        return {
+            "error": var_norm(df[self.cx]) + var_norm(dg[self.cy]),
+            "error_all": var_norm(df) + var_norm(dg),
+        }
 
 
 def _gmm(means, variances, n: int, gen: torch.Generator) -> torch.Tensor:
@@ -107,15 +119,17 @@ class GMMReferenceProblem:
             lambda k: self.y[torch.randint(n, (k,), generator=gen)],
         )
 
-    def error(self, pot) -> float:
-        return var_norm(pot.f(self.x).double() - self.ref.f) + var_norm(pot.g(self.y).double() - self.ref.g)
+    def errors(self, pot) -> dict:
+        err = var_norm(pot.f(self.x).double() - self.ref.f) + var_norm(pot.g(self.y).double() - self.ref.g)
+        return {"error": err, "error_all": err}
 
 
 # ---------------------------------------------------------------------------------------------------------
 # methods
 # ---------------------------------------------------------------------------------------------------------
-def run_stochastic(problem, solver: OnlineSinkhorn, seed: int, max_samples: int, n_iter: int = 10**6,
-                   every: float = 2**0.5) -> list[dict]:
+def run_stochastic(
+    problem, solver: OnlineSinkhorn, seed: int, max_samples: int, n_iter: int = 10**6, every: float = 2**0.5
+) -> list[dict]:
     """Trajectory [{n_seen, seconds, error}] evaluated when n_seen passes geometric marks (factor ``every``; a
     value just above 1 evaluates every step); evaluation time is excluded from ``seconds``."""
     if every <= 1.0:
@@ -124,7 +138,7 @@ def run_stochastic(problem, solver: OnlineSinkhorn, seed: int, max_samples: int,
 
     def record(state):
         if state.n_seen >= mark[0] or state.n_seen >= max_samples or state.step == n_iter - 1:
-            records.append({"n_seen": state.n_seen, "seconds": state.elapsed, "error": problem.error(state.potentials)})
+            records.append({"n_seen": state.n_seen, "seconds": state.elapsed, **problem.errors(state.potentials)})
             while mark[0] <= state.n_seen:
                 mark[0] *= every
 
@@ -135,49 +149,63 @@ def run_stochastic(problem, solver: OnlineSinkhorn, seed: int, max_samples: int,
 def run_fixed(problem, n: int, seed: int) -> dict:
     sample_x, sample_y = problem.samplers(seed)
     res = sinkhorn(sample_x(n), sample_y(n), problem.lam, tol=1e-6, max_iter=2000, dtype=problem.dtype)
-    return {"n": n, "seconds": res.solve_seconds, "iterations": res.n_iter, "error": problem.error(res.potentials())}
+    return {"n": n, "seconds": res.solve_seconds, "iterations": res.n_iter, **problem.errors(res.potentials())}
 
 
-def time_to_reach(trajectories: list[list[dict]], target: float) -> tuple[float, float]:
-    """Median over seeds of the first (seconds, n_seen) with error ≤ target (inf if a seed never gets there)."""
+def time_to_reach(trajectories: list[list[dict]], target: float, key: str = "error") -> tuple[float, float]:
+    """Median over seeds of the first (seconds, n_seen) with ``key`` ≤ target (inf if a seed never gets there)."""
     hits = []
     for traj in trajectories:
-        hit = next((r for r in traj if r["error"] <= target), None)
+        hit = next((r for r in traj if r[key] <= target), None)
         hits.append((hit["seconds"], hit["n_seen"]) if hit else (math.inf, math.inf))
     hits.sort()
     return hits[len(hits) // 2]
 
 
 # ---------------------------------------------------------------------------------------------------------
-def bench(problem, lam: float, fixed_sizes, online_samples: int, seeds, random_batch: int, random_steps: int,
-          merge: bool) -> dict:
+def bench(
+    problem, lam: float, fixed_sizes, online_samples: int, seeds, random_batch: int, random_steps: int, merge: bool
+) -> dict:
     out = {"problem": problem.name, "lam": lam}
     t0 = time.perf_counter()
     out["fixed"] = [run_fixed(problem, n, seed=100 + i) for i, n in enumerate(fixed_sizes)]
     for r in out["fixed"]:
-        print(f"  [{problem.name}] POT sinkhorn_log n={r['n']:6d}: {r['iterations']:4d} it, "
-              f"{r['seconds']:7.2f} s, error {r['error']:.3f}", flush=True)
+        print(
+            f"  [{problem.name}] POT sinkhorn_log n={r['n']:6d}: {r['iterations']:4d} it, "
+            f"{r['seconds']:7.2f} s, error {r['error']:.3f} (all points {r['error_all']:.3f})",
+            flush=True,
+        )
     out["online"] = []
     for seed in seeds:
         solver = OnlineSinkhorn(lam, merge_duplicates=merge)
         out["online"].append(run_stochastic(problem, solver, seed, online_samples))
         last = out["online"][-1][-1]
-        print(f"  [{problem.name}] online seed {seed}: {last['n_seen']} samples, {last['seconds']:.2f} s, "
-              f"error {last['error']:.3f}", flush=True)
+        print(
+            f"  [{problem.name}] online seed {seed}: {last['n_seen']} samples, {last['seconds']:.2f} s, "
+            f"error {last['error']:.3f} (all points {last['error_all']:.3f})",
+            flush=True,
+        )
     solver = OnlineSinkhorn(lam, batch_size=random_batch, batch_exp=0.0, lr=1.0, lr_exp=0.0, merge_duplicates=merge)
-    out["randomized"] = run_stochastic(problem, solver, seeds[0], random_batch * random_steps, n_iter=random_steps,
-                                       every=1.01)
+    out["randomized"] = run_stochastic(
+        problem, solver, seeds[0], random_batch * random_steps, n_iter=random_steps, every=1.01
+    )
     last = out["randomized"][-1]
-    print(f"  [{problem.name}] randomized Sinkhorn b={random_batch}: {last['n_seen']} samples, "
-          f"{last['seconds']:.2f} s, error {last['error']:.3f} (min {min(r['error'] for r in out['randomized']):.3f})",
-          flush=True)
+    print(
+        f"  [{problem.name}] randomized Sinkhorn b={random_batch}: {last['n_seen']} samples, "
+        f"{last['seconds']:.2f} s, error {last['error']:.3f} (min {min(r['error'] for r in out['randomized']):.3f})",
+        flush=True,
+    )
     big = out["fixed"][-1]
-    secs, n_seen = time_to_reach(out["online"], big["error"])
-    out["headline"] = {
-        "pot_n": big["n"], "pot_seconds": big["seconds"], "pot_error": big["error"],
-        "online_seconds_to_reach": secs, "online_samples_to_reach": n_seen,
-        "ratio": secs / big["seconds"],
-    }
+    for key in ("error", "error_all"):
+        secs, n_seen = time_to_reach(out["online"], big[key], key)
+        out["headline" if key == "error" else "headline_all"] = {
+            "pot_n": big["n"],
+            "pot_seconds": big["seconds"],
+            "pot_error": big[key],
+            "online_seconds_to_reach": secs,
+            "online_samples_to_reach": n_seen,
+            "ratio": secs / big["seconds"],
+        }
     out["bench_seconds"] = time.perf_counter() - t0
     return out
 
@@ -192,11 +220,24 @@ def plot(results: list[dict], path: Path, title: str) -> None:
     for row, res in zip(axes, results, strict=True):
         for ax, key, label in ((row[0], "n_seen", "samples seen per side"), (row[1], "seconds", "wall time (s)")):
             for i, traj in enumerate(res["online"]):
-                ax.plot([r[key] for r in traj], [r["error"] for r in traj], "-o", ms=2.5, color="C0", alpha=0.8,
-                        label="Online Sinkhorn" if i == 0 else None)
+                ax.plot(
+                    [r[key] for r in traj],
+                    [r["error"] for r in traj],
+                    "-o",
+                    ms=2.5,
+                    color="C0",
+                    alpha=0.8,
+                    label="Online Sinkhorn" if i == 0 else None,
+                )
             rnd = res["randomized"]
-            ax.plot([r[key] for r in rnd], [r["error"] for r in rnd], "-", color="C1", alpha=0.8,
-                    label=f"randomized Sinkhorn (b = {rnd[0]['n_seen']})")
+            ax.plot(
+                [r[key] for r in rnd],
+                [r["error"] for r in rnd],
+                "-",
+                color="C1",
+                alpha=0.8,
+                label=f"randomized Sinkhorn (b = {rnd[0]['n_seen']})",
+            )
             fx = res["fixed"]
             xs = [r["n"] if key == "n_seen" else r["seconds"] for r in fx]
             ax.plot(xs, [r["error"] for r in fx], "s--", color="C2", label="POT sinkhorn_log, fixed sample n")
@@ -249,17 +290,32 @@ def main() -> None:
 
     print("\nHeadline (median over Online Sinkhorn seeds; times exclude error evaluation):")
     for res in results:
-        h = res["headline"]
-        print(f"  {res['problem']}: POT sinkhorn_log on n={h['pot_n']} reaches error {h['pot_error']:.3f} in "
-              f"{h['pot_seconds']:.2f} s; Online Sinkhorn reaches it after {h['online_samples_to_reach']} samples "
-              f"in {h['online_seconds_to_reach']:.2f} s -> ratio {h['ratio']:.3f}")
+        for key, what in (("headline", "error"), ("headline_all", "error on all test points")):
+            h = res[key]
+            if key == "headline_all" and res["problem"] != "gaussian_2d":
+                continue
+            print(
+                f"  {res['problem']} ({what}): POT sinkhorn_log on n={h['pot_n']} reaches {h['pot_error']:.3f} in "
+                f"{h['pot_seconds']:.2f} s; Online Sinkhorn reaches it after {h['online_samples_to_reach']} samples"
+                f" in {h['online_seconds_to_reach']:.2f} s -> ratio {h['ratio']:.3f}"
+            )
     print(f"total bench time {total:.0f} s")
     plot(results, Path(args.figure), f"Online Sinkhorn vs Sinkhorn ({args.dtype}, {machine})")
     print(f"figure: {args.figure}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"args": vars(args), "machine": machine, "torch": torch.__version__,
-                                               "total_seconds": total, "results": results}, indent=1))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "args": vars(args),
+                    "machine": machine,
+                    "torch": torch.__version__,
+                    "total_seconds": total,
+                    "results": results,
+                },
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -142,13 +142,25 @@ def sinkhorn(
     value = float((plan * C).sum() + lam * ((plan * log_ratio).sum() - plan.sum() + 1.0))
     err = log["err"][-1] if len(log["err"]) else float("nan")
     return DiscreteSinkhorn(
-        x=x, y=y, a=a, b=b, lam=lam, f=f, g=g, plan=plan, value=value,
-        n_iter=int(log["niter"]) + 1, marginal_error=float(err), cost=cost, solve_seconds=solve_seconds,
+        x=x,
+        y=y,
+        a=a,
+        b=b,
+        lam=lam,
+        f=f,
+        g=g,
+        plan=plan,
+        value=value,
+        n_iter=int(log["niter"]) + 1,
+        marginal_error=float(err),
+        cost=cost,
+        solve_seconds=solve_seconds,
     )
 
 
-def symmetric_potential(x, lam: float, a=None, cost=None, max_iter: int = 100, tol: float = 1e-7,
-                        dtype: torch.dtype = torch.float64) -> Tensor:
+def symmetric_potential(
+    x, lam: float, a=None, cost=None, max_iter: int = 100, tol: float = 1e-7, dtype: torch.dtype = torch.float64
+) -> Tensor:
     r"""Self-transport potential f (= g) of OT_λ(α, α), α = Σ a_i δ_{x_i}, by the averaged symmetric update
 
         f ← ½ (f + T_α(f)),   T_α(f)_i = −λ log Σ_j a_j exp((f_j − C_ij)/λ)

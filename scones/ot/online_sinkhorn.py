@@ -200,9 +200,7 @@ class EntropicPotentials:
         self.cost = f.cost if cost is None else cost
         self.regularizer = KL(f.lam) if regularizer is None else regularizer
         if not isinstance(self.regularizer, KL) or self.regularizer.lam != f.lam:
-            raise ValueError(
-                f"regularizer must be KL(lam={f.lam}) for Sinkhorn potentials, got {self.regularizer!r}"
-            )
+            raise ValueError(f"regularizer must be KL(lam={f.lam}) for Sinkhorn potentials, got {self.regularizer!r}")
 
     @property
     def lam(self) -> float:
@@ -398,8 +396,10 @@ class OnlineSinkhorn:
             atoms = new if old is None else torch.cat([old.atoms, new])
             log_w = zeros - math.inf if old is None else torch.cat([old.log_weights, zeros - math.inf])
             log_c = zeros if old is None else torch.cat([old.log_counts, zeros])
-            stamp = torch.full((b,), step, device=new.device) if old is None else torch.cat(
-                [old.stamp, torch.full((b,), step, device=new.device)]
+            stamp = (
+                torch.full((b,), step, device=new.device)
+                if old is None
+                else torch.cat([old.stamp, torch.full((b,), step, device=new.device)])
             )
             sup = self._compact(_Support(atoms, log_w, log_c, stamp))
             # exp(q/λ) ← (1 − η) exp(q/λ) + η m_j / n exp(g_t(y_j)/λ), on every stored atom

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import time
 from pathlib import Path
@@ -260,6 +261,16 @@ def plot(results: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="≈ 1 min: smaller samples, POT reference n = 2000")
@@ -279,7 +290,7 @@ def main() -> None:
         gauss_sizes, gauss_online = [1000, 2000, 4000, 10_000], 96_000
         gmm_ref, gmm_sizes, gmm_online = 4000, [250, 500, 1000, 2000], 48_000
     start = time.perf_counter()
-    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s)"
+    machine = f"{cpu_name()} ({os.cpu_count()} cores), {torch.get_num_threads()} torch thread(s)"
     print(f"torch {torch.__version__}, {machine}, dtype {args.dtype}", flush=True)
 
     results = [bench(GaussianProblem(1.0, dtype), 1.0, gauss_sizes, gauss_online, seeds, 1000, 25, merge=False)]

@@ -14,6 +14,7 @@ Before a process group exists the rank is Lightning's guess from the environment
 
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
@@ -51,3 +52,24 @@ def gather_to_rank_zero(obj):
     out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(obj, out, dst=0)
     return out
+
+
+def evaluation_device(cfg) -> torch.device:
+    """Device of the evaluate stage's networks and Langevin chains.
+
+    ``eval.device`` when set (``cpu``, ``cuda``, ``cuda:N``); else the trainer's: CUDA when
+    ``trainer.accelerator`` is gpu/cuda/auto and a GPU is visible, CPU otherwise. Under DDP each rank takes its
+    local GPU (``LOCAL_RANK``), so sharded chains run on every GPU at once.
+    """
+    import os
+
+    chosen = cfg.eval.get("device") if "eval" in cfg else None
+    if chosen is None:
+        accelerator = str(cfg.trainer.get("accelerator", "cpu")) if "trainer" in cfg else "cpu"
+        use_cuda = accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+        chosen = "cuda" if use_cuda else "cpu"
+    device = torch.device(chosen)
+    if device.type == "cuda" and device.index is None:
+        index = int(os.environ.get("LOCAL_RANK", 0)) if is_distributed() else torch.cuda.current_device()
+        device = torch.device("cuda", index % torch.cuda.device_count())
+    return device

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,14 @@ from omegaconf import DictConfig, OmegaConf
 from threadpoolctl import threadpool_limits
 
 from experiments import images
-from experiments.distributed import gather_to_rank_zero, global_rank, is_distributed, is_rank_zero, world_size
+from experiments.distributed import (
+    evaluation_device,
+    gather_to_rank_zero,
+    global_rank,
+    is_distributed,
+    is_rank_zero,
+    world_size,
+)
 from experiments.logging_utils import SamplingProgress, Tracker, sampler_steps, tracking
 from experiments.stages import Stage, atomic_write_bytes, atomic_write_json, make_stage, run_training_stage
 from experiments.validation import ConfigError, validate_config
@@ -150,7 +158,7 @@ def score_stage(cfg: DictConfig, target) -> tuple[Any, Stage | None]:
             raise ConfigError(
                 f"score.kind=exact but data.target ({type(target).__name__}) has no score(y); use score=mlp"
             )
-        return (lambda y, level: target.score(y)), None
+        return conditional.ExactPriorScore(target), None
     if kind not in ("auto", "learned"):
         raise ConfigError(f"score.kind must be one of auto, exact, learned; got {kind!r}")
     stage = make_stage(cfg, "score", cfg.score, cfg.data.target, cfg.seed)
@@ -194,10 +202,10 @@ def sampler_prior_score(cfg: DictConfig, module: ScoreModule):
     """The learned ``prior_score(y, level)`` as the sampler calls it: the annealed sampler's ``level`` indexes its own
     schedule (sampler.sigma_*), which may differ from the training one for σ-agnostic nets; ULA passes level 0."""
     if cfg.sampler.kind != "annealed":
-        return module.score
+        return conditional.LearnedPriorScore(module)
     s = cfg.sampler
     levels = [float(v) for v in geometric_sigmas(s.sigma_max, s.sigma_min, s.n_levels)]
-    return lambda y, level: module.score(y, levels[level])
+    return conditional.LearnedPriorScore(module, levels)
 
 
 def bp_stage(cfg: DictConfig, source, target, potentials, dual: Stage) -> tuple[Any, Stage]:
@@ -220,6 +228,35 @@ def bp_stage(cfg: DictConfig, source, target, potentials, dual: Stage) -> tuple[
 @torch.no_grad()
 def batched(fn, x: torch.Tensor, batch_size: int) -> torch.Tensor:
     return torch.cat([fn(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)])
+
+
+def _to(obj, device: torch.device):
+    """``obj`` on ``device``: modules move in place, other objects with ``.to`` (Online Sinkhorn potentials, prior
+    scores) return their moved copy, anything else is returned as is."""
+    if isinstance(obj, torch.nn.Module):
+        return obj.to(device)
+    return obj.to(device) if hasattr(obj, "to") else obj
+
+
+@contextmanager
+def placed(device: torch.device, *objs):
+    """Yield ``objs`` on ``device`` (the evaluation device); modules are moved back to the CPU afterwards, so the
+    CPU-side metrics that follow (calibration, density, classifier) see them where they were trained to be."""
+    moved = [_to(o, device) for o in objs]
+    try:
+        yield moved
+    finally:
+        if device.type != "cpu":
+            for o in objs:
+                _to(o, torch.device("cpu"))
+
+
+@torch.no_grad()
+def apply_bp(cfg: DictConfig, bp_net, x: torch.Tensor) -> torch.Tensor:
+    """T(x) for every row of ``x`` (CPU in, CPU out), ``eval.batch_size`` rows at a time on the evaluation device."""
+    device = evaluation_device(cfg)
+    with placed(device, bp_net) as (net,):
+        return batched(lambda xb: net(xb.to(device)).reshape(xb.shape).cpu(), x, int(cfg.eval.batch_size))
 
 
 def initial_chains(cfg: DictConfig, x: torch.Tensor, y_bp: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -247,7 +284,9 @@ def sample_scones(
     Chunk ``c`` draws its noise from its own generator (seeded from ``g``'s state and ``c``), so the samples
     do not depend on how chunks are spread over processes. With an initialised process group (``trainer=ddp``)
     rank r samples chunks r, r+W, r+2W, ... and rank 0 gathers all of them; the other ranks return ``None``.
-    A failure on any rank is raised on every rank (no rank waits forever in the gather).
+    A failure on any rank is raised on every rank (no rank waits forever in the gather). The chains run on
+    :func:`~experiments.distributed.evaluation_device` (``eval.device``; the GPU of a GPU run); with a GPU the
+    noise comes from a CUDA generator, so the samples differ from a CPU run's by the random stream only.
     """
     bs = int(cfg.eval.batch_size)
     if bs < 1:
@@ -258,15 +297,18 @@ def sample_scones(
     rank, world = (global_rank(), world_size()) if is_distributed() else (0, 1)
     mine = [c for c in range(len(starts)) if c % world == rank]
     desc = "sampling" if world == 1 else f"sampling (rank 0 of {world})"
-    score = SamplingProgress(prior_score, sampler_steps(cfg.sampler) * len(mine), desc, None if rank == 0 else False)
+    device = evaluation_device(cfg)
     out: dict[int, torch.Tensor] = {}
     error: Exception | None = None
     try:
-        for c in mine:
-            i = starts[c]
-            gc = torch.Generator().manual_seed(mix_seed(base, c))
-            xb, yb = x[i : i + bs], y0[i : i + bs]
-            out[c] = conditional.sample_conditional(score, potentials, xb, yb, cfg.sampler, bs, gc)
+        with placed(device, prior_score, potentials) as (prior_d, potentials_d):
+            total = sampler_steps(cfg.sampler) * len(mine)
+            score = SamplingProgress(prior_d, total, desc, None if rank == 0 else False)
+            for c in mine:
+                i = starts[c]
+                gc = torch.Generator(device=device).manual_seed(mix_seed(base, c))
+                xb, yb = x[i : i + bs].to(device), y0[i : i + bs].to(device)
+                out[c] = conditional.sample_conditional(score, potentials_d, xb, yb, cfg.sampler, bs, gc).cpu()
     except ValueError as e:
         error = ConfigError(str(e))
     except NonFiniteSampleError as e:  # name the stage and the sampler (the message has the level/step)
@@ -292,7 +334,7 @@ def evaluate(cfg: DictConfig, run_dir: Path, source, target, cost, regularizer, 
     g = torch.Generator().manual_seed(_seed(cfg, 100))
     t0 = time.perf_counter()
     x, x_labels = images.sample_with_labels(source, n, g)  # labels: digit image sets (label consistency)
-    y_bp = batched(lambda xb: bp_net(xb).reshape(xb.shape), x, int(cfg.eval.batch_size))
+    y_bp = apply_bp(cfg, bp_net, x)
     y0 = initial_chains(cfg, x, y_bp, g)
     y = sample_scones(cfg, prior_score, potentials, x, y0, g)
     if y is None:  # rank > 0 of a DDP run: its chains went to rank 0, which computes and writes everything
@@ -310,7 +352,7 @@ def evaluate(cfg: DictConfig, run_dir: Path, source, target, cost, regularizer, 
         metrics["density"] = density_metrics
 
     def scones_sampler(xr: torch.Tensor) -> torch.Tensor:  # fresh SCONES samples for other sources
-        y_bp_r = batched(lambda xb: bp_net(xb).reshape(xb.shape), xr, int(cfg.eval.batch_size))
+        y_bp_r = apply_bp(cfg, bp_net, xr)
         return sample_scones(cfg, prior_score, potentials, xr, initial_chains(cfg, xr, y_bp_r, g), g)
 
     bench = getattr(target, "benchmark", None)

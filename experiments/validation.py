@@ -154,6 +154,7 @@ EVAL = {
     "pot_divergence_lam": Positive(required=False),
     "conditional_n_x": Int(1, required=False),
     "conditional_n_per_x": Int(1, required=False),
+    "device": Field("str", required=False, nullable=True),
 }
 TRAINER = {
     "accelerator": Choice(*ACCELERATORS),
@@ -410,6 +411,23 @@ def _check_trainer(chk: _Checker) -> None:
             )
 
 
+def _check_eval_device(chk: _Checker) -> None:
+    device = chk.get("eval.device")
+    if device is _MISSING or device is None or not isinstance(device, str):
+        return
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        chk.add(f"eval.device={device!r} is not a torch device; use null (the trainer's accelerator), cpu or cuda[:N]")
+        return
+    if kind not in ("cpu", "cuda"):
+        chk.add(f"eval.device={device!r} is not supported; use null (the trainer's accelerator), cpu or cuda[:N]")
+    elif kind == "cuda" and not torch.cuda.is_available():
+        chk.add(f"eval.device={device!r} but no CUDA device is visible; use eval.device=cpu (or null)")
+
+
 def validate_config(cfg: DictConfig, run_dir: str | os.PathLike | None = None, check_paths: bool = True) -> None:
     """Check a composed config before anything is built; raise :class:`ConfigError` (one line) on the first problem.
 
@@ -425,6 +443,7 @@ def validate_config(cfg: DictConfig, run_dir: str | os.PathLike | None = None, c
     _check_cost_and_regularizer(chk)
     _check_stages(chk)
     chk.group("eval", EVAL)
+    _check_eval_device(chk)
     _check_trainer(chk)
     wandb = chk.get("logger.wandb")
     if wandb is not _MISSING and wandb is not None and not isinstance(wandb, DictConfig):

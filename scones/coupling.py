@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from scones.models.dual import DualPotentials, violation, violation_matrix
-from scones.sampling.conditional import initial_chains, sample_conditional
+from scones.sampling.conditional import ExactPriorScore, initial_chains, sample_conditional
 
 PriorScore = Callable[[Tensor, int], Tensor]
 
@@ -286,6 +286,7 @@ class Coupling:
 
             potentials = EntropicPotentials.from_state_dict(_read_state(dual_dir), cost=cost)
             potentials.regularizer = regularizer
+            potentials = potentials.to(device)
         else:
             potentials = DualPotentials(build("dual.net", dim=dim), build("dual.net", dim=dim), cost, regularizer)
             _load_module(potentials, dual_dir, "dual")
@@ -294,7 +295,7 @@ class Coupling:
         if stages.get("score") is None:  # the run sampled with the target's exact score
             if not getattr(target, "has_score", False):
                 raise RunDirError(f"{metrics_file}: no score stage and {type(target).__name__} has no exact score")
-            prior_score = _ExactScore(target)
+            prior_score = ExactPriorScore(target)
         else:
             from scones.models.score import ScoreModule
             from scones.sampling.schedules import geometric_sigmas
@@ -319,16 +320,6 @@ class Coupling:
             sampler=OmegaConf.to_container(cfg.sampler, resolve=True), initial_chains=chains,
             batch_size=int(cfg.eval.batch_size), device=device, config=cfg, run_dir=run_dir,
         )
-
-
-class _ExactScore:
-    """``(y, level) -> target.score(y)``: the exact target score ignores the noise level."""
-
-    def __init__(self, target) -> None:
-        self.target = target
-
-    def __call__(self, y: Tensor, level: int) -> Tensor:
-        return self.target.score(y)
 
 
 def _stage_dir(run_dir: Path, cfg, stages: Mapping, name: str) -> Path:

@@ -121,6 +121,8 @@ BAD = [
     (["cost.reduction=max"], "cost.reduction='max' is not one of sum, mean"),
     (["trainer.precision=8"], "trainer.precision=8 is not one of"),
     (["trainer.devices=0"], "trainer.devices=0 must be an integer >= 1"),
+    (["eval.device=tpu9"], "eval.device='tpu9' is not a torch device"),
+    (["eval.device=mps"], "eval.device='mps' is not supported; use null"),
     # _target_ nodes: open, but importable (a typo in bp.net fails before the dual stage trains)
     (["bp.net._target_=scones.nets.mlp.Nope"], "bp.net._target_='scones.nets.mlp.Nope' cannot be imported"),
     (["data.target._target_=nowhere.Missing"], "data.target._target_='nowhere.Missing' cannot be imported"),
@@ -156,6 +158,16 @@ def test_gpu_trainer_without_gpu_fails_before_anything_is_built(tmp_path):
         pytest.skip("a GPU is visible")
     with pytest.raises(ConfigError, match=r"trainer\.accelerator='gpu' but no CUDA device is visible"):
         validate_config(compose_cfg(tmp_path, ["trainer=gpu"]))
+
+
+def test_evaluation_device_follows_the_trainer_or_eval_device(tmp_path):
+    from experiments.distributed import evaluation_device
+
+    assert evaluation_device(compose_cfg(tmp_path, [])) == torch.device("cpu")  # trainer=cpu
+    assert evaluation_device(compose_cfg(tmp_path, ["eval.device=cpu"])) == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"eval\.device='cuda' but no CUDA device is visible; use eval.device=cpu"):
+            validate_config(compose_cfg(tmp_path, ["eval.device=cuda"]))
 
 
 def test_validation_runs_before_any_directory_is_created(tmp_path):

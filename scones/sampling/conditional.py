@@ -32,6 +32,39 @@ class ConditionalScore:
         return self.prior_score(y, level) + self.guidance * grad_log_compatibility(self.potentials, self.x, y)
 
 
+class LearnedPriorScore:
+    """``prior_score(y, level)`` of a trained :class:`~scones.models.score.ScoreModule`.
+
+    ``levels`` (optional) maps the sampler's level index to the σ the network is evaluated at (the annealed
+    sampler's own schedule); without it the index goes to the module's training schedule. ``.to(device)``
+    moves the module in place, so the samplers can run the chains on a GPU.
+    """
+
+    def __init__(self, module, levels: list[float] | None = None) -> None:
+        self.module, self.levels = module, levels
+
+    def __call__(self, y: Tensor, level: int) -> Tensor:
+        return self.module.score(y, level if self.levels is None else self.levels[level])
+
+    def to(self, device) -> LearnedPriorScore:
+        self.module.to(device)
+        return self
+
+
+class ExactPriorScore:
+    """``prior_score(y, level) = target.score(y)``: an exact target score ignores the noise level. The project's
+    distributions cast their constants to ``y``'s device, so ``.to`` has nothing to move."""
+
+    def __init__(self, target) -> None:
+        self.target = target
+
+    def __call__(self, y: Tensor, level: int) -> Tensor:
+        return self.target.score(y)
+
+    def to(self, device) -> ExactPriorScore:
+        return self
+
+
 INITS = ("source", "bp", "bp_noise", "noise")
 
 

@@ -104,6 +104,20 @@ def test_image_experiment_runs_end_to_end(tmp_path, fake_root, name):
     assert sorted(p.name for p in (score_dir / "samples").glob("*.png")) == ["step000001.png", "step000002.png"]
 
 
+@pytest.mark.parametrize("name", IMAGE_EXPERIMENTS)
+@pytest.mark.parametrize("reg, lam", [("kl", 0.005), ("chi2", 0.01)])
+def test_both_regularisers_reachable_by_override(tmp_path, fake_root, name, reg, lam):
+    """`regularizer=kl regularizer.lam=0.005` (and chi2) replaces the experiment's regulariser wholesale."""
+    from experiments.pipeline import build_problem
+    from experiments.validation import validate_config
+    from scones.ot import KL, ChiSquared
+
+    cfg = make_cfg(tmp_path, [*tiny(name, fake_root), f"regularizer={reg}", f"regularizer.lam={lam}"])
+    validate_config(cfg)
+    _, _, _, regularizer = build_problem(cfg)
+    assert isinstance(regularizer, KL if reg == "kl" else ChiSquared) and regularizer.lam == lam
+
+
 def _digits_cfg(tmp_path, *extra):
     return make_cfg(tmp_path, ["+experiment=digits", "num_threads=1", *TINY_COMMON, *TINY_FAMILY["digits"], *extra])
 

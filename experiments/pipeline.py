@@ -142,11 +142,35 @@ def dual_stage(cfg: DictConfig, source, target, cost, regularizer) -> tuple[Any,
     pot = DualPotentials(
         instantiate_node(cfg, "dual.net", dim=dim), instantiate_node(cfg, "dual.net", dim=dim), cost, regularizer
     )
-    module = DualModule(pot, lr=cfg.dual.lr, pairs=cfg.dual.pairs, skip_nonfinite=cfg.dual.get("skip_nonfinite", False))
+    module = DualModule(
+        pot, lr=cfg.dual.lr, pairs=cfg.dual.pairs, skip_nonfinite=cfg.dual.get("skip_nonfinite", False),
+        objective=dual_objective_name(cfg, regularizer),
+    )
     loader = stream_loader([source, target], cfg.dual.batch_size, _seed(cfg, 1), cfg.get("num_workers", 0))
     run_training_stage(cfg, stage, module, loader, int(cfg.dual.steps), pot)
-
+    calibrate_dual(cfg, pot, source, target)
     return pot, stage
+
+
+def dual_objective_name(cfg: DictConfig, regularizer) -> str:
+    """``dual.objective`` with ``auto`` resolved: ``logmeanexp`` for KL, ``dual`` otherwise."""
+    name = str(cfg.dual.get("objective", "dual"))
+    if name == "auto":
+        return "logmeanexp" if getattr(regularizer, "name", None) == "kl" else "dual"
+    return name
+
+
+def calibrate_dual(cfg: DictConfig, pot, source, target) -> None:
+    """``dual.objective=logmeanexp``: fix the constant J' cannot see, so that E_{p⊗q}[H] = 1 on
+    ``dual.calibration_samples`` fresh samples per side (seeded: a cached stage gets the same shift)."""
+    if dual_objective_name(cfg, pot.regularizer) != "logmeanexp":
+        return
+    from scones.models.dual import calibrate_mass_
+
+    n = int(cfg.dual.get("calibration_samples", 2000))
+    g = torch.Generator().manual_seed(_seed(cfg, 2))
+    k = calibrate_mass_(pot, source.sample(n, generator=g), target.sample(n, generator=g))
+    log.info("dual: calibrated E[H] = 1 on %d x %d pairs (phi shifted by %.4g)", n, n, -k)
 
 
 def score_stage(cfg: DictConfig, target) -> tuple[Any, Stage | None]:

@@ -99,6 +99,7 @@ TARGET = Field("target")
 COUNT = Int(1)  # steps, batch sizes, levels: >= 1
 
 PAIRS = ("all", "diagonal")
+DUAL_OBJECTIVES = ("dual", "logmeanexp", "auto")  # auto: logmeanexp for KL, dual otherwise
 SAMPLER_INITS = ("source", "bp", "bp_noise", "noise")
 PRECISIONS = (
     "64", "64-true", "32", "32-true", "16", "16-mixed", "16-true", "bf16", "bf16-mixed", "bf16-true",
@@ -115,7 +116,11 @@ TOP = {
 }
 NET_TRAINING = {"steps": COUNT, "batch_size": COUNT, "lr": Positive(), "skip_nonfinite": OPT_BOOL}
 DUAL = {
-    "neural": {"kind": Choice("neural", "online_sinkhorn"), "net": TARGET, "pairs": Choice(*PAIRS), **NET_TRAINING},
+    "neural": {
+        "kind": Choice("neural", "online_sinkhorn"), "net": TARGET, "pairs": Choice(*PAIRS),
+        "objective": Choice(*DUAL_OBJECTIVES, required=False), "calibration_samples": Int(1, required=False),
+        **NET_TRAINING,
+    },
     "online_sinkhorn": {"kind": Choice("neural", "online_sinkhorn"), "solver": TARGET, "steps": COUNT},
 }
 SCORE_KINDS = ("auto", "exact", "learned")
@@ -370,7 +375,13 @@ def _kind(chk: _Checker, key: str, kinds: tuple[str, ...]) -> str | None:
 def _check_stages(chk: _Checker) -> None:
     kind = _kind(chk, "dual.kind", tuple(DUAL))
     if kind is not None:
-        chk.group("dual", DUAL[kind])
+        values = chk.group("dual", DUAL[kind])
+        reg = chk.get("regularizer._target_")
+        if values.get("objective") == "logmeanexp" and isinstance(reg, str) and not reg.endswith(".KL"):
+            chk.add(
+                f"dual.objective=logmeanexp is the KL dual's shift-invariant form; regularizer._target_={reg!r} "
+                "needs dual.objective=dual or auto (or use regularizer=kl)"
+            )
 
     kind = _kind(chk, "score.kind", SCORE_KINDS)
     if kind == "exact":

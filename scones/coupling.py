@@ -290,6 +290,7 @@ class Coupling:
         else:
             potentials = DualPotentials(build("dual.net", dim=dim), build("dual.net", dim=dim), cost, regularizer)
             _load_module(potentials, dual_dir, "dual")
+            pipeline.calibrate_dual(cfg, potentials, source, target)  # the run's E[H] = 1 shift (logmeanexp)
             potentials = potentials.to(device)
 
         if stages.get("score") is None:  # the run sampled with the target's exact score

@@ -121,6 +121,8 @@ BAD = [
     (["cost.reduction=max"], "cost.reduction='max' is not one of sum, mean"),
     (["trainer.precision=8"], "trainer.precision=8 is not one of"),
     (["trainer.devices=0"], "trainer.devices=0 must be an integer >= 1"),
+    (["regularizer=chi2", "dual.objective=logmeanexp"], "dual.objective=logmeanexp is the KL dual's shift-invariant"),
+    (["dual.objective=lme"], "dual.objective='lme' is not one of dual, logmeanexp, auto"),
     (["eval.device=tpu9"], "eval.device='tpu9' is not a torch device"),
     (["eval.device=mps"], "eval.device='mps' is not supported; use null"),
     # _target_ nodes: open, but importable (a typo in bp.net fails before the dual stage trains)

@@ -255,24 +255,24 @@ def batched(fn, x: torch.Tensor, batch_size: int) -> torch.Tensor:
 
 
 def _to(obj, device: torch.device):
-    """``obj`` on ``device``: modules move in place, other objects with ``.to`` (Online Sinkhorn potentials, prior
-    scores) return their moved copy, anything else is returned as is."""
-    if isinstance(obj, torch.nn.Module):
-        return obj.to(device)
+    """``obj`` on ``device`` through its ``.to`` (modules and prior scores move in place and return themselves,
+    Online Sinkhorn potentials return a moved copy); anything without ``.to`` is returned as is."""
     return obj.to(device) if hasattr(obj, "to") else obj
 
 
 @contextmanager
 def placed(device: torch.device, *objs):
-    """Yield ``objs`` on ``device`` (the evaluation device); modules are moved back to the CPU afterwards, so the
-    CPU-side metrics that follow (calibration, density, classifier) see them where they were trained to be."""
+    """Yield ``objs`` on ``device`` (the evaluation device); objects moved in place are moved back to the CPU
+    afterwards, so the CPU-side metrics that follow (calibration, density, classifier) see them where they were
+    trained to be (a moved copy is simply dropped)."""
     moved = [_to(o, device) for o in objs]
     try:
         yield moved
     finally:
         if device.type != "cpu":
-            for o in objs:
-                _to(o, torch.device("cpu"))
+            for o, m in zip(objs, moved, strict=True):
+                if m is o:
+                    _to(o, torch.device("cpu"))
 
 
 @torch.no_grad()

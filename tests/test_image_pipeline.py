@@ -13,18 +13,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize
 from PIL import Image
 from torch import nn
 
 from experiments import images
 from experiments.pipeline import ConfigError, initial_chains, run, sampler_prior_score
-from experiments.run import register_resolvers
 from scones.data.images import DigitsImages
 from scones.models.score import ScoreModule
 from scones.nets.ncsn import NCSN, NCSNv2
 from scones.sampling.schedules import geometric_sigmas
 from tests.fakedata import write_fake_celeba, write_fake_mnist, write_fake_usps
+from tests.helpers import make_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE_EXPERIMENTS = ["digits", "usps_mnist", "mnist_usps", "celeba32", "celeba64"]
@@ -60,12 +59,6 @@ def fake_root(tmp_path_factory):
     write_fake_mnist(root, n_train=40, n_test=10, seed=2)
     write_fake_celeba(root, splits=(0, 0, 0, 0, 1, 2))
     return root
-
-
-def make_cfg(tmp_path: Path, overrides: list[str]):
-    register_resolvers()
-    with initialize(version_base="1.3", config_path="../configs"):
-        return compose(config_name="config", overrides=[*overrides, f"paths.output_root={tmp_path}"])
 
 
 def tiny(name: str, data_dir: Path) -> list[str]:

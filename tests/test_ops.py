@@ -9,6 +9,7 @@ the same global batch, a 2-cell CLI multirun, and kill -9 + rerun.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ from experiments.stage_runtime import AtomicCheckpointIO
 from experiments.stages import Stage, StageError, resume_point
 from scones.data import StandardGaussian
 from scones.data.streams import SampleStream
+from tests.helpers import make_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,14 +57,7 @@ TINY = [
     "++eval.density.grid=10",
 ]
 
-
-def make_cfg(tmp_path, overrides):
-    register_resolvers()
-    with initialize(version_base="1.3", config_path="../configs"):
-        return compose(
-            config_name="config",
-            overrides=[*overrides, f"paths.output_root={tmp_path}", f"paths.allowed_roots=[{tmp_path}]"],
-        )
+make_cfg_confined = functools.partial(make_cfg, confine=True)  # tmp_path is the only extra allowed root
 
 
 def cli_env(tmp_path, **extra):
@@ -232,18 +227,18 @@ def test_optimized_metric_selection(tmp_path):
     assert select_metric(METRICS, "dual.mean_H") == 1.01
     with pytest.raises(MetricError, match=r"methods\.scones\.fid.*methods\.scones\.bw_uvp"):
         select_metric(METRICS, "methods.scones.fid")
-    cfg = make_cfg(tmp_path, ["optimized_metric=methods.bp.bw_uvp"])
+    cfg = make_cfg_confined(tmp_path, ["optimized_metric=methods.bp.bw_uvp"])
     assert objective(cfg, METRICS) == 0.1
-    assert objective(make_cfg(tmp_path, []), METRICS) == 0.02  # default: SCONES' BW-UVP
+    assert objective(make_cfg_confined(tmp_path, []), METRICS) == 0.02  # default: SCONES' BW-UVP
 
 
 def test_configs_compose(tmp_path):
-    cfg = make_cfg(tmp_path, ["trainer=ddp", "trainer.devices=4", "logger=wandb"])
+    cfg = make_cfg_confined(tmp_path, ["trainer=ddp", "trainer.devices=4", "logger=wandb"])
     assert cfg.trainer.strategy == "ddp" and cfg.trainer.accelerator == "gpu" and cfg.trainer.devices == 4
     assert cfg.logger.wandb.offline is False and cfg.logger.wandb.project == "scones"
-    sim = make_cfg(tmp_path, ["trainer=ddp_sim"])
+    sim = make_cfg_confined(tmp_path, ["trainer=ddp_sim"])
     assert (sim.trainer.strategy, sim.trainer.devices, sim.trainer.accelerator) == ("ddp_spawn", 2, "cpu")
-    assert make_cfg(tmp_path, []).logger.wandb is None  # CSV only by default
+    assert make_cfg_confined(tmp_path, []).logger.wandb is None  # CSV only by default
 
 
 def test_sweep_plugins_are_optional(tmp_path):
@@ -325,8 +320,10 @@ def test_wandb_offline_run_has_losses_metrics_images_and_artifacts(tmp_path, mon
     from experiments.pipeline import run
 
     monkeypatch.setenv("WANDB_MODE", "offline")
-    cfg = make_cfg(tmp_path, [*TINY, "logger=wandb", "++dual.steps=30", "++bp.steps=10", "++sampler.n_steps=20",
-                              "trainer.log_every_n_steps=5"])
+    cfg = make_cfg_confined(
+        tmp_path, [*TINY, "logger=wandb", "++dual.steps=30", "++bp.steps=10", "++sampler.n_steps=20",
+                   "trainer.log_every_n_steps=5"],
+    )
     run_dir = tmp_path / "run"
     metrics = run(cfg, run_dir)
     deadline = time.time() + 60  # wandb-core may still be appending to the log when finish() returns
@@ -362,7 +359,7 @@ def single_device(tmp_path_factory):
     from experiments.pipeline import run
 
     tmp = tmp_path_factory.mktemp("single")
-    cfg = make_cfg(tmp, TINY)
+    cfg = make_cfg_confined(tmp, TINY)
     run(cfg, tmp / "run")
     return tmp
 
@@ -389,7 +386,7 @@ def test_ddp_spawn_two_processes_match_single_device(tmp_path, single_device):
     """2 CPU processes (gloo, ddp_spawn) with the same GLOBAL batch give the single-process run up to rounding."""
     from experiments.pipeline import run
 
-    cfg = make_cfg(tmp_path, [*TINY, "trainer=ddp_sim"])
+    cfg = make_cfg_confined(tmp_path, [*TINY, "trainer=ddp_sim"])
     t0 = time.perf_counter()
     metrics = run(cfg, tmp_path / "run")
     print(f"ddp_spawn pipeline: {time.perf_counter() - t0:.1f} s")

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize
 
 from experiments.pipeline import ConfigError, run
-from experiments.run import register_resolvers
 from scones.models.dual import NonFiniteLossError
+from tests.helpers import make_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [  # ++ adds or overrides, so the same list fits every sampler / score option
@@ -29,13 +28,6 @@ TINY = [  # ++ adds or overrides, so the same list fits every sampler / score op
     "++eval.density.n_pairs=300",
     "++eval.density.grid=30",
 ]
-
-
-def make_cfg(tmp_path, overrides):
-    register_resolvers()
-    with initialize(version_base="1.3", config_path="../configs"):
-        cfg = compose(config_name="config", overrides=list(overrides) + [f"paths.output_root={tmp_path}"])
-    return cfg
 
 
 def experiments():

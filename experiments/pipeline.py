@@ -35,8 +35,9 @@ from experiments.stages import Stage, atomic_write_bytes, atomic_write_json, mak
 from experiments.validation import ConfigError, validate_config
 from scones.data.streams import mix_seed, stream_loader
 from scones.models.barycentric import BarycentricModule
-from scones.models.dual import DualModule, DualPotentials, violation
+from scones.models.dual import DualModule
 from scones.models.score import ScoreModule
+from scones.ot.dual import DualPotentials, violation
 from scones.sampling import conditional
 from scones.sampling.langevin import NonFiniteSampleError
 from scones.sampling.schedules import geometric_sigmas
@@ -165,7 +166,7 @@ def calibrate_dual(cfg: DictConfig, pot, source, target) -> None:
     ``dual.calibration_samples`` fresh samples per side (seeded: a cached stage gets the same shift)."""
     if dual_objective_name(cfg, pot.regularizer) != "logmeanexp":
         return
-    from scones.models.dual import calibrate_mass_
+    from scones.ot.dual import calibrate_mass_
 
     n = int(cfg.dual.get("calibration_samples", 2000))
     g = torch.Generator().manual_seed(_seed(cfg, 2))

@@ -100,7 +100,7 @@ def main(cfg: DictConfig) -> float | None:
     from experiments.callbacks import ERROR_FILE, MetricError
     from experiments.stages import StageError
     from experiments.validation import ConfigError
-    from scones.models.dual import NonFiniteLossError
+    from scones.models.base import NonFiniteLossError
     from scones.sampling.langevin import NonFiniteSampleError
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)

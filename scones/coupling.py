@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from scones.models.dual import DualPotentials, violation, violation_matrix
+from scones.ot.dual import DualPotentials, violation, violation_matrix
 from scones.sampling.conditional import ExactPriorScore, initial_chains, sample_conditional
 
 PriorScore = Callable[[Tensor, int], Tensor]
@@ -47,7 +47,7 @@ class Coupling:
 
     Args:
         potentials: object with ``phi(x) -> (n,)``, ``psi(y) -> (n,)``, ``cost`` and ``regularizer``
-            (e.g. :class:`scones.models.dual.DualPotentials`).
+            (e.g. :class:`scones.ot.dual.DualPotentials`).
         source, target: the marginals p and q (:class:`scones.data.Distribution`; ``log_prob`` optional).
         prior_score: ``(y, level) -> ∇_y log q_σ(y)`` used by the sampler (the exact ``target.score`` or a
             learned noise-conditional model); needed only by :meth:`sample`.

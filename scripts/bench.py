@@ -52,10 +52,11 @@ sys.path.insert(0, str(ROOT))
 
 from scones.data import Gaussian, RandomGaussian, StandardGaussian, SwissRoll  # noqa: E402
 from scones.metrics.bw_uvp import bw_uvp_samples  # noqa: E402
-from scones.models.dual import DualModule, DualPotentials, dual_objective  # noqa: E402
+from scones.models.dual import DualModule  # noqa: E402
 from scones.models.score import dsm_loss  # noqa: E402
 from scones.nets.mlp import NoiseConditionalScoreMLP, Potential  # noqa: E402
 from scones.ot import KL, SquaredEuclidean  # noqa: E402
+from scones.ot.dual import DualPotentials, dual_objective  # noqa: E402
 from scones.ot.gaussian import covariance_pair, entropic_joint_covariance, entropic_ot_value  # noqa: E402
 from scones.sampling.conditional import ConditionalScore  # noqa: E402
 from scones.sampling.langevin import annealed_langevin, ula  # noqa: E402
@@ -306,7 +307,7 @@ def bench_lightning_dual(b: Bench, cfg, source, target, params: dict) -> None:
 
     Fits of N and 3N steps: per-step = (T(3N) − T(N)) / 2N, fixed setup/teardown = T(N) − N·per-step.
     ``log_every_n_steps=1`` makes the modules call ``self.log`` on every step, as they all did before
-    :func:`scones.models.dual.is_log_step` (≈ the pre-optimisation cost); 25 is the shipped setting.
+    :func:`scones.models.base.is_log_step` (≈ the pre-optimisation cost); 25 is the shipped setting.
     """
     import logging
     import tempfile

@@ -9,8 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from scones.models.dual import (
-    DualModule,
+from scones.models.dual import DualModule
+from scones.nets.mlp import Potential
+from scones.ot import KL, ChiSquared, SquaredEuclidean
+from scones.ot.dual import (
     DualPotentials,
     calibrate_mass_,
     dual_objective,
@@ -18,8 +20,6 @@ from scones.models.dual import (
     shift_output_,
     violation_matrix,
 )
-from scones.nets.mlp import Potential
-from scones.ot import KL, ChiSquared, SquaredEuclidean
 
 D = 2  # rows are [coordinates (D), one-hot index]: the cost sees the coordinates, the potentials the index
 

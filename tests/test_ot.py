@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from scones.metrics.bw_uvp import bw_uvp, bw_uvp_samples
-from scones.models.dual import DualPotentials, grad_log_compatibility, violation
 from scones.nets.mlp import Potential
 from scones.ot import KL, ChiSquared, SquaredEuclidean
+from scones.ot.dual import DualPotentials, grad_log_compatibility, violation
 from scones.ot.gaussian import (
     covariance_pair,
     entropic_conditional,

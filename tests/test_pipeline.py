@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from experiments.pipeline import ConfigError, run
-from scones.models.dual import NonFiniteLossError
+from scones.models.base import NonFiniteLossError
 from tests.helpers import make_cfg
 
 ROOT = Path(__file__).resolve().parents[1]

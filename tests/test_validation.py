@@ -21,7 +21,7 @@ from experiments import pipeline
 from experiments.run import register_resolvers
 from experiments.validation import CONFIG_DIR, ConfigError, check_group_choices, preflight, validate_config
 from scones.data import StandardGaussian
-from scones.models.dual import NonFiniteLossError
+from scones.models.base import NonFiniteLossError
 from scones.ot import KL, SquaredEuclidean
 from scones.sampling.langevin import NonFiniteSampleError
 

@@ -12,13 +12,8 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from scones.models.dual import (
-    adam,
-    compatibility,
-    is_log_step,
-    loss_is_usable,
-    violation_matrix,
-)
+from scones.models.base import adam, is_log_step, loss_is_usable
+from scones.ot.dual import compatibility, violation_matrix
 
 
 class BarycentricModule(pl.LightningModule):

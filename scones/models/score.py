@@ -6,7 +6,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from scones.models.dual import adam, is_log_step, loss_is_usable
+from scones.models.base import adam, is_log_step, loss_is_usable
 from scones.nets.ema import EMA
 
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor
 
-from scones.models.dual import grad_log_compatibility
+from scones.ot.dual import grad_log_compatibility
 from scones.sampling.langevin import annealed_langevin, ula
 from scones.sampling.schedules import geometric_sigmas
 

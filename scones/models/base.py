@@ -1,0 +1,74 @@
+"""Training helpers shared by the three Lightning modules (dual, score, barycentric projection)."""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when a training loss becomes NaN/Inf; the message names the stage and step."""
+
+
+def check_finite_loss(loss: Tensor, stage: str, step: int) -> None:
+    if not torch.isfinite(loss):
+        raise NonFiniteLossError(
+            f"stage '{stage}': loss is {loss.item()} at step {step}. Training stopped; the last good checkpoint is "
+            "kept. Lower the learning rate, increase regularizer.lam, or set "
+            f"{stage}.skip_nonfinite=true to skip such steps."
+        )
+
+
+def log_skipped_step(module: pl.LightningModule) -> None:
+    """Count a step skipped for a non-finite loss; logs the running count ``train/skipped_nonfinite``.
+
+    Lightning repeats a key's last value on steps where it is not logged, so a running count (not 1 per skip)
+    keeps the CSV curve truthful. Counted per process since the stage (re)started.
+    """
+    module.n_skipped_nonfinite = getattr(module, "n_skipped_nonfinite", 0) + 1
+    module.log("train/skipped_nonfinite", float(module.n_skipped_nonfinite))
+
+
+def loss_is_usable(module: pl.LightningModule, loss: Tensor, stage: str) -> bool:
+    """True when ``loss`` is finite. Otherwise skip the step (``module.skip_nonfinite``: counted, returns False)
+    or stop training with :class:`NonFiniteLossError` naming the stage and step."""
+    if torch.isfinite(loss):
+        return True
+    if module.skip_nonfinite:
+        log_skipped_step(module)
+        return False
+    check_finite_loss(loss, stage, module.global_step)
+    return False  # unreachable: check_finite_loss raised
+
+
+def is_log_step(module: pl.LightningModule) -> bool:
+    """True on the steps whose metrics Lightning writes to its loggers (every ``trainer.log_every_n_steps`` and
+    the last step); outside a Trainer always True.
+
+    A ``self.log`` call costs ~2 ms on CPU (Lightning's result collection; an all-reduce per call with
+    ``sync_dist`` under DDP), so the modules log per-step metrics only on these steps: the written curves are
+    the same, the step is ~15% faster at the default sizes (docs/performance.md).
+    """
+    try:
+        trainer = module.trainer
+    except RuntimeError:  # not attached to a Trainer
+        return True
+    step, every = module.global_step + 1, int(trainer.log_every_n_steps or 0)
+    return (every > 0 and step % every == 0) or step >= (trainer.max_steps or 0) > 0 or trainer.should_stop
+
+
+def adam(module: pl.LightningModule, params, lr: float, **kwargs) -> torch.optim.Adam:
+    """``torch.optim.Adam`` with the fused kernel when it is safe (one kernel updates every parameter).
+
+    Fused: every parameter a float tensor on CPU/CUDA and no gradient clipping configured (Lightning's
+    mixed-precision plugins refuse to clip with an optimizer that unscales internally). Same update as the
+    default Adam; the optimizer step is ≈3× faster on CPU (docs/performance.md).
+    """
+    params = list(params)
+    try:
+        clip = float(module.trainer.gradient_clip_val or 0.0) > 0.0
+    except RuntimeError:  # not attached to a Trainer
+        clip = False
+    fused = not clip and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.Adam(params, lr=lr, fused=True if fused else None, **kwargs)

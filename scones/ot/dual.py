@@ -1,0 +1,143 @@
+r"""Regularised dual potentials (φ, ψ) (SCONES Alg. 1): the pure maths, no Lightning.
+
+    J(φ, ψ) = E_p[φ(x)] + E_q[ψ(y)] − E_{p⊗q}[H*(φ(x) + ψ(y) − c(x, y))]
+
+is maximised with Adam on independent batches x ~ p, y ~ q. The estimator uses either all n² pairs of a
+batch (``pairs="all"``, paper Alg. 1) or only the n diagonal pairs (``pairs="diagonal"``, SCONES code);
+both are unbiased for the same expectation. The plan is π = H·p⊗q, H = regularizer.density(V).
+
+For KL with a small λ the penalty λ(exp(V/λ) − 1) is stiff: at initialisation V/λ ≈ −c/λ is hugely negative
+(H ≈ 0, no gradient from the penalty) and once a few pairs reach V > 0 their exp explodes. ``objective=
+"logmeanexp"`` maximises instead the shift-invariant form
+
+    J'(φ, ψ) = E_p[φ] + E_q[ψ] − λ·log E_{p⊗q}[exp(V/λ)]   (≥ J, equal when E[H] = 1),
+
+whose gradient is E_p[∇φ] − E_π̂[∇φ] (+ the same for ψ) with π̂ the normalised plan: the same maximiser up to
+the constant (φ + k, ψ) that J' cannot see. :func:`calibrate_mass_` restores it after training (E[H] = 1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from scones.ot.costs import SquaredEuclidean
+from scones.ot.regularizers import Regularizer
+
+
+class DualPotentials(nn.Module):
+    """φ, ψ with a cost and a regulariser: everything needed to evaluate the compatibility H.
+
+    ``phi(x) -> (n,)``, ``psi(y) -> (n,)``. Any object with these two callables plus ``cost`` and
+    ``regularizer`` (e.g. Online Sinkhorn potentials) can stand in for this class in the samplers.
+    """
+
+    def __init__(
+        self, phi: nn.Module, psi: nn.Module, cost: SquaredEuclidean, regularizer: Regularizer
+    ) -> None:
+        super().__init__()
+        self.phi, self.psi = phi, psi
+        self.cost, self.regularizer = cost, regularizer
+
+
+def violation(pot, x: Tensor, y: Tensor) -> Tensor:
+    """V(x_i, y_i) = φ(x_i) + ψ(y_i) − c(x_i, y_i), shape ``(n,)`` (diagonal pairs)."""
+    return pot.phi(x) + pot.psi(y) - pot.cost(x, y)
+
+
+def violation_matrix(pot, x: Tensor, y: Tensor) -> Tensor:
+    """V(x_i, y_j) for all pairs, shape ``(n, m)``."""
+    return pot.phi(x)[:, None] + pot.psi(y)[None, :] - pot.cost.pairwise(x, y)
+
+
+def compatibility(pot, x: Tensor, y: Tensor) -> Tensor:
+    """H(x_i, y_i) = dπ/d(p⊗q) on diagonal pairs, shape ``(n,)``."""
+    return pot.regularizer.density(violation(pot, x, y))
+
+
+def grad_log_compatibility(pot, x: Tensor, y: Tensor) -> Tensor:
+    """∇_y log H(x, y) = dlogH/dV · (∇ψ(y) − ∇_y c(x, y)), same shape as ``y``.
+
+    ∇ψ is taken by autograd (works under ``torch.no_grad`` callers). φ is only needed for χ² (where
+    dlogH/dV depends on V); for KL it drops out.
+    """
+    with torch.enable_grad():
+        yg = y.detach().requires_grad_(True)
+        psi = pot.psi(yg)
+        (grad_psi,) = torch.autograd.grad(psi.sum(), yg)
+    grad_v = grad_psi - pot.cost.grad_y(x, y)
+    if pot.regularizer.name == "kl":
+        return grad_v / pot.regularizer.lam
+    with torch.no_grad():
+        v = pot.phi(x) + psi.detach() - pot.cost(x, y)
+    coeff = pot.regularizer.dlog_density(v)
+    return coeff.reshape(-1, *([1] * (y.dim() - 1))) * grad_v
+
+
+OBJECTIVES = ("dual", "logmeanexp")
+
+
+def dual_objective(
+    pot, x: Tensor, y: Tensor, pairs: str = "all", objective: str = "dual"
+) -> tuple[Tensor, Tensor]:
+    """Monte-Carlo estimate of J (or J' for ``objective="logmeanexp"``, KL only) and of E_{p⊗q}[H] on a batch.
+
+    Returns ``(J, mean_H)``.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"dual.objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    if pairs == "all":
+        fx, gy = pot.phi(x), pot.psi(y)
+        v = fx[:, None] + gy[None, :] - pot.cost.pairwise(x, y)
+    elif pairs == "diagonal":
+        fx, gy = pot.phi(x), pot.psi(y)
+        v = fx + gy - pot.cost(x, y)
+    else:
+        raise ValueError(f"dual.pairs must be 'all' or 'diagonal', got {pairs!r}")
+    if objective == "logmeanexp":
+        lam = _kl_lam(pot, "dual.objective=logmeanexp")
+        log_mean_h = torch.logsumexp(v.flatten() / lam, 0) - math.log(v.numel())
+        return fx.mean() + gy.mean() - lam * log_mean_h, log_mean_h.detach().exp()
+    penalty = pot.regularizer.penalty(v).mean()
+    j = fx.mean() + gy.mean() - penalty
+    if getattr(pot.regularizer, "name", None) == "kl":  # H = exp(V/λ) = 1 + H*(V)/λ: no second n² exp for the log
+        return j, 1.0 + penalty.detach() / pot.regularizer.lam
+    return j, pot.regularizer.density(v.detach()).mean()
+
+
+def _kl_lam(pot, what: str) -> float:
+    if getattr(pot.regularizer, "name", None) != "kl":
+        raise ValueError(f"{what} needs the KL regulariser (regularizer=kl); got {pot.regularizer!r}")
+    return float(pot.regularizer.lam)
+
+
+def shift_output_(net: nn.Module, value: float) -> None:
+    """Add ``value`` to the scalar output of a potential network, in place, through the bias of its last
+    ``nn.Linear`` (the project's potentials end in ``Linear(h, 1)``)."""
+    last = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    if not last or last[-1].bias is None or last[-1].out_features != 1:
+        raise ValueError(
+            f"cannot shift the output of {type(net).__name__}: it must end in an nn.Linear(…, 1) with a bias"
+        )
+    with torch.no_grad():
+        last[-1].bias += value
+
+
+@torch.no_grad()
+def calibrate_mass_(pot, x: Tensor, y: Tensor, block: int = 1024) -> float:
+    """Shift φ so that E_{p⊗q}[H] = 1 on all pairs of the samples ``x`` (n) and ``y`` (m), KL only.
+
+    k = λ·log mean_ij exp(V_ij/λ) is subtracted from φ (through its output bias); returns k. The conditional
+    π(y|x) and ∇_y log H do not depend on k; the mean of H, the plan density and the BP weights' scale do.
+    """
+    lam = _kl_lam(pot, "calibrate_mass_")
+    psi = pot.psi(y)
+    parts = []
+    for xb in x.split(block):
+        v = pot.phi(xb)[:, None] + psi[None, :] - pot.cost.pairwise(xb, y)
+        parts.append(torch.logsumexp(v.double().flatten() / lam, 0))
+    k = lam * float(torch.logsumexp(torch.stack(parts), 0) - math.log(x.shape[0] * y.shape[0]))
+    shift_output_(pot.phi, -k)
+    return k

@@ -157,8 +157,8 @@ EVAL = {
     "pot_reference_n": Int(0, required=False),
     "pot_reference_max_dim": Int(1, required=False),
     "pot_divergence_lam": Positive(required=False),
-    "conditional_n_x": Int(1, required=False),
-    "conditional_n_per_x": Int(1, required=False),
+    "conditional_n_x": Int(1, required=False, nullable=True),
+    "conditional_n_per_x": Int(1, required=False, nullable=True),
     "device": Field("str", required=False, nullable=True),
 }
 TRAINER = {

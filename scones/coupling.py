@@ -9,20 +9,18 @@ target q, the target score and the barycentric projection of a run, and answers 
 a plan: conditional samples y ~ π̂(· | x) (the run's configured Langevin sampler), the (log-)density, the
 barycentric projection T(x) ≈ E_π̂[y | x] and the settings (cost, regulariser, λ).
 
-The one way to load a finished ``python -m experiments.run`` run::
+A finished ``python -m experiments.run`` run loads as one (the app's loader rebuilds it from the run directory)::
 
-    from scones.coupling import Coupling
-    plan = Coupling.from_run_dir("outputs/density_gaussian_d2/runs/<date_time>")
+    from experiments.loading import load_coupling
+    plan = load_coupling("outputs/density_gaussian_d2/runs/<date_time>")
     y = plan.sample(x, n=10)              # (len(x), 10, d)
     log_pi = plan.log_density(x, y[:, 0])  # (len(x),)
 
-Importing this module does not import Hydra; :meth:`Coupling.from_run_dir` imports it (and the pipeline's
-builders in :mod:`experiments.pipeline`) when called.
+This module is pure library: it imports neither the app (:mod:`experiments`) nor Hydra nor Lightning.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from collections.abc import Callable, Mapping
@@ -30,16 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from scones.ot.dual import DualPotentials, violation, violation_matrix
-from scones.sampling.conditional import ExactPriorScore, initial_chains, sample_conditional
+from scones.ot.dual import violation, violation_matrix
+from scones.sampling.conditional import initial_chains, sample_conditional
 
 PriorScore = Callable[[Tensor, int], Tensor]
-
-
-class RunDirError(FileNotFoundError):
-    """A run directory (or a stage it points at) is missing or incomplete; the message says what and why."""
 
 
 class Coupling:
@@ -61,6 +55,8 @@ class Coupling:
         device: where tensors are evaluated; inputs are moved there.
         n_normalizer: source and target samples used for the Monte-Carlo normaliser Z = E_{p⊗q}[H]
             (all n² pairs).
+        config, run_dir: where the plan comes from (set by :func:`experiments.loading.load_coupling`; shown in
+            ``repr``, not used otherwise).
     """
 
     def __init__(
@@ -223,7 +219,7 @@ class Coupling:
         """
         if self.prior_score is None or self.sampler is None:
             raise ValueError("sampling needs prior_score and sampler settings; build the Coupling with both "
-                             "(Coupling.from_run_dir does)")
+                             "(experiments.loading.load_coupling does)")
         if int(n) < 1:
             raise ValueError(f"n (samples per source) must be >= 1, got {n}")
         x = self._check_x(x)
@@ -238,123 +234,5 @@ class Coupling:
         y = sample_conditional(self.prior_score, self.potentials, xs, y0, self.sampler, self.batch_size, generator)
         return y.reshape(x.shape[0], int(n), *self.shape)
 
-    # ------------------------------------------------------------------------------------------ loading
 
-    @classmethod
-    def from_run_dir(cls, run_dir: str | Path, device: str | torch.device = "cpu") -> Coupling:
-        """Load the plan of a finished ``python -m experiments.run`` run.
-
-        Reads ``<run_dir>/config.yaml`` (the resolved config) and ``<run_dir>/metrics.json``, whose
-        ``stages.<name>.dir`` point at the cached stage directories (``final.pt``: weights-only state dicts,
-        loaded with ``torch.load(weights_only=True)``). Distributions, cost, regulariser and networks are rebuilt
-        with ``hydra.utils.instantiate`` on the saved config nodes through the pipeline's own builders
-        (:mod:`experiments.pipeline`, imported here, so ``import scones`` stays Hydra-free), and the sampler
-        uses the run's prior score (exact, or the learned one with its EMA weights) and chain initialisation.
-        Relative stage directories are looked up from the working directory, the run directory's parents
-        (runs live in ``<output_root>/<name>/runs/<time>``, stages in ``<output_root>/cache``) and
-        ``paths.cache_dir``. Nothing is trained: a missing stage raises :class:`RunDirError`.
-        """
-        from omegaconf import OmegaConf
-
-        from experiments import pipeline
-
-        run_dir = Path(run_dir)
-        cfg_file, metrics_file = run_dir / "config.yaml", run_dir / "metrics.json"
-        if not cfg_file.exists():
-            raise RunDirError(f"{run_dir} is not a run directory: {cfg_file.name} is missing")
-        if not metrics_file.exists():
-            raise RunDirError(f"{run_dir} is not a finished run: {metrics_file.name} (written by the evaluate "
-                              "stage) is missing; rerun the same command to finish it")
-        cfg = OmegaConf.load(cfg_file)
-        stages = json.loads(metrics_file.read_text()).get("stages") or {}
-        device = torch.device(device)
-        try:
-            source, target, cost, regularizer = pipeline.build_problem(cfg)
-        except pipeline.ConfigError as e:
-            raise RunDirError(f"{cfg_file}: {e}") from None
-        dim = pipeline.data_dim(source)
-
-        def build(key: str, **kwargs):
-            try:
-                return pipeline.instantiate_node(cfg, key, **kwargs)
-            except pipeline.ConfigError as e:
-                raise RunDirError(f"{cfg_file}: {e}") from None
-
-        dual_dir = _stage_dir(run_dir, cfg, stages, "dual")
-        if cfg.dual.kind == "online_sinkhorn":
-            from scones.ot.online_sinkhorn import EntropicPotentials
-
-            potentials = EntropicPotentials.from_state_dict(_read_state(dual_dir), cost=cost)
-            potentials.regularizer = regularizer
-            potentials = potentials.to(device)
-        else:
-            potentials = DualPotentials(build("dual.net", dim=dim), build("dual.net", dim=dim), cost, regularizer)
-            _load_module(potentials, dual_dir, "dual")
-            pipeline.calibrate_dual(cfg, potentials, source, target)  # the run's E[H] = 1 shift (logmeanexp)
-            potentials = potentials.to(device)
-
-        if stages.get("score") is None:  # the run sampled with the target's exact score
-            if not getattr(target, "has_score", False):
-                raise RunDirError(f"{metrics_file}: no score stage and {type(target).__name__} has no exact score")
-            prior_score = ExactPriorScore(target)
-        else:
-            from scones.models.score import ScoreModule
-            from scones.sampling.schedules import geometric_sigmas
-
-            sc = cfg.score
-            module = ScoreModule(build("score.net", dim=dim), geometric_sigmas(sc.sigma_max, sc.sigma_min, sc.n_levels),
-                                 ema_decay=sc.get("ema_decay"))
-            _load_module(module, _stage_dir(run_dir, cfg, stages, "score"), "score")
-            prior_score = pipeline.sampler_prior_score(cfg, module.to(device))
-
-        bp_net = None
-        if stages.get("bp") is not None:
-            bp_net = build("bp.net", in_dim=dim, out_dim=dim)
-            _load_module(bp_net, _stage_dir(run_dir, cfg, stages, "bp"), "bp")
-            bp_net = bp_net.to(device)
-
-        def chains(x: Tensor, y_bp: Tensor | None, generator: torch.Generator | None) -> Tensor:
-            return pipeline.initial_chains(cfg, x, y_bp, generator)  # the run's rule (incl. skipped levels)
-
-        return cls(
-            potentials, source, target, prior_score=prior_score, barycentric_map=bp_net,
-            sampler=OmegaConf.to_container(cfg.sampler, resolve=True), initial_chains=chains,
-            batch_size=int(cfg.eval.batch_size), device=device, config=cfg, run_dir=run_dir,
-        )
-
-
-def _stage_dir(run_dir: Path, cfg, stages: Mapping, name: str) -> Path:
-    entry = stages.get(name)
-    if not entry or "dir" not in entry:
-        raise RunDirError(f"{run_dir / 'metrics.json'} has no stages.{name}.dir")
-    recorded = Path(entry["dir"])
-    parents = list(run_dir.resolve().parents)
-    cache = Path(str(cfg.paths.cache_dir))
-    candidates = [recorded] if recorded.is_absolute() else [Path.cwd() / recorded, *(p / recorded for p in parents)]
-    candidates += [cache / recorded.name, *(p / cache / recorded.name for p in parents if not cache.is_absolute())]
-    for c in candidates:
-        if (c / "done.json").exists() and (c / "final.pt").exists():
-            return c
-    raise RunDirError(
-        f"stage '{name}' of {run_dir} not found: no finished stage (done.json, final.pt) at {entry['dir']} (looked "
-        f"relative to the working directory, the run directory's parents and paths.cache_dir={cache}); was the "
-        "cache deleted? Rerun the run's command to rebuild it"
-    )
-
-
-def _read_state(stage_dir: Path) -> Any:
-    return torch.load(stage_dir / "final.pt", map_location="cpu", weights_only=True)
-
-
-def _load_module(module: nn.Module, stage_dir: Path, name: str) -> None:
-    try:
-        module.load_state_dict(_read_state(stage_dir), strict=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise RunDirError(f"{stage_dir / 'final.pt'} does not fit the '{name}' networks of the run's config "
-                          f"({first})") from None
-    module.requires_grad_(False)
-    module.eval()
-
-
-__all__ = ["Coupling", "RunDirError"]
+__all__ = ["Coupling"]

@@ -9,9 +9,10 @@ from hydra import compose, initialize
 
 from experiments.density import GaussianPlan, calibration
 from experiments.evaluation import gaussian_truth
+from experiments.loading import RunDirError, load_coupling
 from experiments.pipeline import run
 from experiments.run import register_resolvers
-from scones.coupling import Coupling, RunDirError
+from scones.coupling import Coupling
 from scones.data import RandomGaussian, SwissRoll
 from scones.metrics.bw_uvp import bw_uvp, bw_uvp_samples
 from scones.ot import KL, SquaredEuclidean
@@ -142,9 +143,9 @@ def finished_run(tmp_path_factory):
     return cfg, run_dir, metrics
 
 
-def test_from_run_dir_reloads_the_trained_networks(finished_run):
+def test_load_coupling_reloads_the_trained_networks(finished_run):
     cfg, run_dir, metrics = finished_run
-    coupling = Coupling.from_run_dir(run_dir)
+    coupling = load_coupling(run_dir)
     assert coupling.lam == 2 * 2 and coupling.cost.reduction == "sum" and coupling.sampler["kind"] == "ula"
     saved = np.load(run_dir / "samples.npz")
     # BP network: same outputs as the run's own evaluate stage
@@ -158,10 +159,10 @@ def test_from_run_dir_reloads_the_trained_networks(finished_run):
     assert (run_dir / "density_slice.png").exists()
 
 
-def test_from_run_dir_samples_the_learned_plan(finished_run):
+def test_load_coupling_samples_the_learned_plan(finished_run):
     """Samples of the loaded plan are far closer to π* than the independent coupling (closed-form BW-UVP)."""
     _, run_dir, _ = finished_run
-    coupling = Coupling.from_run_dir(run_dir)
+    coupling = load_coupling(run_dir)
     a, b = coupling.source.cov_np, coupling.target.cov_np
     sigma = entropic_joint_covariance(a, b, coupling.lam)
     independent = bw_uvp(np.block([[a, np.zeros_like(a)], [np.zeros_like(b), b]]), sigma)
@@ -172,9 +173,9 @@ def test_from_run_dir_samples_the_learned_plan(finished_run):
     assert bw_uvp_samples(joint, sigma) < 0.1 * independent
 
 
-def test_from_run_dir_errors_name_the_problem(tmp_path, finished_run):
+def test_load_coupling_errors_name_the_problem(tmp_path, finished_run):
     with pytest.raises(RunDirError, match="config.yaml"):
-        Coupling.from_run_dir(tmp_path)
+        load_coupling(tmp_path)
     _, run_dir, _ = finished_run
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -183,4 +184,4 @@ def test_from_run_dir_errors_name_the_problem(tmp_path, finished_run):
     metrics["stages"]["dual"]["dir"] = str(tmp_path / "gone" / "dual-000")
     (broken / "metrics.json").write_text(json.dumps(metrics))
     with pytest.raises(RunDirError, match="stage 'dual'.*not found"):
-        Coupling.from_run_dir(broken)
+        load_coupling(broken)

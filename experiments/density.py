@@ -30,14 +30,11 @@ import torch
 from omegaconf import DictConfig
 
 from experiments.evaluation import gaussian_truth
-from experiments.images import settings
 from scones.coupling import Coupling
 from scones.data.distributions import Gaussian
 from scones.ot.gaussian import GaussianConditional, entropic_conditional, entropic_joint_covariance
 
 log = logging.getLogger(__name__)
-
-DEFAULTS = {"n_pairs": 1000, "n_kl": 10000, "grid": 80}
 
 
 # --------------------------------------------------------------------------------------------- truth
@@ -214,14 +211,14 @@ def plot_density_slice(path: Path, coupling: Coupling, truth: GaussianPlan, grid
 def evaluate(cfg: DictConfig, run_dir: Path, source, target, cost, regularizer, potentials, seed: int) -> dict | None:
     """The ``density`` section (None when p or q has no ``log_prob``); writes ``density_slice.png`` if π* is known.
 
-    Settings ``eval.density.{n_pairs, n_kl, grid}`` (defaults in :data:`DEFAULTS`).
+    Settings ``eval.density.{n_pairs, n_kl, grid}`` (defaults in ``configs/eval/default.yaml``).
     """
     params = list(potentials.parameters()) if hasattr(potentials, "parameters") else []
     device = params[0].device if params else "cpu"
     coupling = Coupling(potentials, source, target, batch_size=int(cfg.eval.batch_size), device=device)
     if not coupling.has_density:
         return None
-    opts = settings(cfg, "eval.density", DEFAULTS)
+    opts = cfg.eval.density
     g = torch.Generator().manual_seed(int(seed))
     t0 = time.perf_counter()
     out = calibration(coupling, int(opts["n_pairs"]), g)

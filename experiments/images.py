@@ -16,17 +16,10 @@ Images are float tensors ``(n, C, H, W)`` in [0, 1]; a pair is an *image pair* w
     CNN is trained on the target image set (``eval.label_consistency``) and the share of each method's samples
     classified as their source's digit is reported.
 
-Config keys and defaults (every key optional)::
-
-    eval:
-      grid: {n_sources: 8, samples_per_source: 4}
-      fid: {enabled: true, weights_path: null, feature_extractor: null, n_real: null, batch_size: 250, device: null}
-      label_consistency: {enabled: true, epochs: 15, width: 16, holdout: 0.2, max_train: 10000}
-      score_grid: {every_n_steps: 0, n_samples: 36, step_lr: 1.0e-5, n_steps_each: 5, skip_levels: 0}
-
-(``fid.n_real: null`` = ``eval.n_samples``; ``fid.device: null`` = CUDA when available, else CPU;
-``label_consistency.max_train`` caps the classifier's training images; ``score_grid.every_n_steps: 0`` = only at
-the end of training.)
+Config keys ``eval.grid``, ``eval.fid``, ``eval.label_consistency``, ``eval.score_grid``, defaults in
+``configs/eval/default.yaml`` (``fid.n_real: null`` = ``eval.n_samples``; ``fid.device: null`` = CUDA when
+available, else CPU; ``label_consistency.max_train`` caps the classifier's training images;
+``score_grid.every_n_steps: 0`` = only at the end of training.)
 """
 
 from __future__ import annotations
@@ -42,33 +35,17 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor
 
 from experiments.stages import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
-GRID_DEFAULTS = {"n_sources": 8, "samples_per_source": 4}
-FID_DEFAULTS = {
-    "enabled": True, "weights_path": None, "feature_extractor": None, "n_real": None, "batch_size": 250, "device": None,
-}
-LC_DEFAULTS = {"enabled": True, "epochs": 15, "width": 16, "holdout": 0.2, "max_train": 10000}
-SCORE_GRID_DEFAULTS = {"every_n_steps": 0, "n_samples": 36, "step_lr": 1.0e-5, "n_steps_each": 5, "skip_levels": 0}
-
 
 def is_image(dist) -> bool:
     """True for distributions of images ``(C, H, W)``."""
     return len(tuple(getattr(dist, "shape", ()))) == 3
-
-
-def settings(cfg: DictConfig, key: str, defaults: Mapping[str, Any]) -> dict[str, Any]:
-    """``defaults`` updated with the mapping at ``cfg.<key>`` (resolved; absent or null = defaults)."""
-    node = OmegaConf.select(cfg, key, default=None)
-    out = dict(defaults)
-    if node is not None:
-        out.update(OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node))
-    return out
 
 
 def sample_with_labels(dist, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
@@ -172,7 +149,7 @@ def score_callbacks(cfg: DictConfig, stage_dir: Path, target) -> list[pl.Callbac
     """Callbacks of the score stage: a :class:`ScoreSampleGrid` for image targets, nothing otherwise."""
     if not is_image(target):
         return []
-    s = settings(cfg, "eval.score_grid", SCORE_GRID_DEFAULTS)
+    s = cfg.eval.score_grid
     return [
         ScoreSampleGrid(
             Path(stage_dir) / "samples", tuple(target.shape), s["every_n_steps"], s["n_samples"], s["step_lr"],
@@ -194,7 +171,7 @@ def fid_scores(cfg: DictConfig, target, ys: Mapping[str, Tensor], x: Tensor, g: 
 
     from scones.metrics.fid import FID, FIDWeightsNotFoundError
 
-    s = settings(cfg, "eval.fid", FID_DEFAULTS)
+    s = cfg.eval.fid
     n_fake = int(x.shape[0])
     n_real = int(s["n_real"] or n_fake)
     out: dict[str, Any] = {
@@ -241,7 +218,7 @@ def label_consistency_scores(
     """
     from scones.metrics.classifier import label_consistency, train_digit_classifier
 
-    s = settings(cfg, "eval.label_consistency", LC_DEFAULTS)
+    s = cfg.eval.label_consistency
     images, labels = getattr(target, "images", None), getattr(target, "labels", None)
     if not s["enabled"] or x_labels is None or images is None or labels is None:
         return None
@@ -281,7 +258,7 @@ def evaluate_images(
     into ``metrics["methods"]``; FID stays in its own block because it may be null).
     """
     t0 = time.perf_counter()
-    grid = settings(cfg, "eval.grid", GRID_DEFAULTS)
+    grid = cfg.eval.grid
     r, k = min(int(grid["n_sources"]), x.shape[0]), max(1, int(grid["samples_per_source"]))
     if r > 0:
         xr = x[:r]

@@ -3,278 +3,118 @@
 Called first thing by :func:`experiments.pipeline.run` (before any data is built or any device touched) and, on
 the command line, by :func:`preflight` before Hydra composes the config and creates the run directory.
 
-What is checked (explicit schema below, one table per config group):
+What is checked:
 
-- types and ranges: ``dual.lr='abc'`` or ``dual.lr=-1`` → ``dual.lr=-1 must be a number > 0``; bools, ints
-  (``True`` is not an int), finite floats, optional (``null``) values;
-- missing fields: ``~dual.lr`` → ``dual.lr is missing; expected a number > 0``;
-- closed vocabularies: ``sampler.init='foo' is not one of source, bp, bp_noise, noise``;
-- cross-field rules: λ > 0, ``sigma_max >= sigma_min``, ``skip_levels < n_levels``, data.source vs data.target
-  ``dim``/``size`` when both are given, GPU trainer without a visible GPU;
-- ``_target_`` nodes stay *open* (any extra kwargs are the plugged-in class's business) but their
-  ``_target_`` must be importable, so a typo in ``bp.net._target_`` fails now, not after the dual stage trained;
+- the schema (:mod:`experiments.schema`, pydantic models per group): types and ranges (``dual.lr=-1`` →
+  ``dual.lr=-1 must be a number > 0``), missing keys (``dual.lr is missing; expected a number > 0``), closed
+  vocabularies (``sampler.init='foo' is not one of source, bp, bp_noise, noise``), the rules inside a group
+  (``sigma_max >= sigma_min``, ``skip_levels < n_levels``); a value that came through an interpolation also
+  names the key it came from (``data.eps=-1 ... makes regularizer.lam=-2 ...``);
+- rules across groups: data.source vs data.target ``dim``/``size``, λ of the built-in regularisers,
+  ``dual.objective=logmeanexp`` only with KL, GPU trainer or ``eval.device`` without a visible GPU;
+- ``_target_`` nodes stay *open* (extra kwargs are the plugged-in class's business) but their ``_target_`` must
+  be importable, and the arguments the class annotates must have the annotated type (``data.pair=abc`` fails
+  now, naming ``data.pair``, not when ``data.source`` is built);
 - paths (``paths.*`` and any ``*_dir``/``*_root``/``*_path``/``*_file``/``root``/``path`` value, plus the run
   directory) must resolve — symlinks and ``..`` included — inside an allowed root: the repository, the working
   directory, ``paths.allowed_roots``, ``$SCONES_ALLOWED_ROOTS`` (``os.pathsep``-separated) and ``$SCONES_DATA``;
 - CLI (:func:`preflight`): unknown config-group options (``sampler=foo``, ``+experiment=nope``) and Hydra
   composition errors (unknown keys) become one line listing the available options.
-
-Keys the schema does not know are left alone (Hydra already rejects unknown keys unless added with ``+``; tests
-and plug-ins add their own). A new ``dual.kind`` / ``sampler.kind`` / ``score.kind`` must be registered in the
-tables here.
 """
 
 from __future__ import annotations
 
 import importlib
-import math
+import inspect
 import os
 import re
+import typing
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from pydantic import ConfigDict, TypeAdapter, ValidationError
+
+from experiments import schema
+from experiments.schema import Problem, RunConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs"
+# config keys whose string values are filesystem paths (besides everything under ``paths``)
+PATH_KEY = re.compile(r"(^|_)(dir|root|path|file)$")
 
 
 class ConfigError(ValueError):
     """Invalid configuration; the message (one line) names the offending key and the fix."""
 
 
-# --------------------------------------------------------------------------------------------- field specs
-
-_MISSING = object()
-
-
-@dataclass(frozen=True)
-class Field:
-    """One config value: ``kind`` in int/float/bool/str/choice/target/list/mapping, optional bounds/choices."""
-
-    kind: str
-    required: bool = True
-    nullable: bool = False
-    low: float | None = None
-    low_open: bool = False  # True: value > low, False: value >= low
-    choices: tuple = ()
-
-    def expected(self) -> str:
-        if self.kind == "choice":
-            text = "one of " + ", ".join(map(str, self.choices))
-        elif self.kind in ("int", "float"):
-            text = "an integer" if self.kind == "int" else "a number"
-            if self.low is not None:
-                text += f" {'>' if self.low_open else '>='} {self.low:g}"
-        elif self.kind == "target":
-            text = "a node with a _target_ class path"
-        else:
-            text = {"bool": "true or false", "str": "a string", "list": "a list", "mapping": "a mapping"}[self.kind]
-        return text + (" or null" if self.nullable else "")
+def raise_first(problems: list[Problem]) -> None:
+    if problems:
+        lines = list(dict.fromkeys(" ".join(str(p).split()) for p in problems))  # each line once
+        more = f" (and {len(lines) - 1} more: {'; '.join(lines[1:])})" if len(lines) > 1 else ""
+        raise ConfigError(lines[0] + more)
 
 
-def Int(low: float | None = None, **kw: Any) -> Field:  # noqa: N802 (schema constructors read like types)
-    return Field("int", low=low, **kw)
-
-
-def Float(low: float | None = None, low_open: bool = False, **kw: Any) -> Field:  # noqa: N802
-    return Field("float", low=low, low_open=low_open, **kw)
-
-
-def Positive(**kw: Any) -> Field:  # noqa: N802
-    return Field("float", low=0.0, low_open=True, **kw)
-
-
-def Choice(*choices: Any, **kw: Any) -> Field:  # noqa: N802
-    return Field("choice", choices=tuple(choices), **kw)
-
-
-BOOL = Field("bool")
-OPT_BOOL = Field("bool", required=False)
-STR = Field("str")
-TARGET = Field("target")
-COUNT = Int(1)  # steps, batch sizes, levels: >= 1
-
-PAIRS = ("all", "diagonal")
-DUAL_OBJECTIVES = ("dual", "logmeanexp", "auto")  # auto: logmeanexp for KL, dual otherwise
-SAMPLER_INITS = ("source", "bp", "bp_noise", "noise")
-PRECISIONS = (
-    "64", "64-true", "32", "32-true", "16", "16-mixed", "16-true", "bf16", "bf16-mixed", "bf16-true",
-    "transformer-engine", "transformer-engine-float16", 16, 32, 64,
-)  # fmt: skip
-ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "tpu", "auto")
-
-TOP = {
-    "name": STR,
-    "seed": Int(0),
-    "num_workers": Int(0),
-    "num_threads": Int(1, nullable=True, required=False),
-    "checkpoint_every": Int(0, required=False),
-}
-NET_TRAINING = {"steps": COUNT, "batch_size": COUNT, "lr": Positive(), "skip_nonfinite": OPT_BOOL}
-DUAL = {
-    "neural": {
-        "kind": Choice("neural", "online_sinkhorn"), "net": TARGET, "pairs": Choice(*PAIRS),
-        "objective": Choice(*DUAL_OBJECTIVES, required=False), "calibration_samples": Int(1, required=False),
-        **NET_TRAINING,
-    },
-    "online_sinkhorn": {"kind": Choice("neural", "online_sinkhorn"), "solver": TARGET, "steps": COUNT},
-}
-SCORE_KINDS = ("auto", "exact", "learned")
-SCORE_LEARNED = {
-    "kind": Choice(*SCORE_KINDS),
-    "net": TARGET,
-    "sigma_max": Positive(),
-    "sigma_min": Positive(),
-    "n_levels": COUNT,
-    **NET_TRAINING,
-}
-BP = {"net": TARGET, "pairs": Choice(*PAIRS), **NET_TRAINING}
-SAMPLER_COMMON = {
-    "kind": Choice("ula", "annealed"),
-    "init": Choice(*SAMPLER_INITS),
-    "guidance": Float(0.0, required=False),
-}
-SAMPLER = {
-    "ula": {**SAMPLER_COMMON, "step_size": Positive(), "n_steps": COUNT, "init_noise": Float(0.0, required=False)},
-    "annealed": {
-        **SAMPLER_COMMON,
-        "sigma_max": Positive(),
-        "sigma_min": Positive(),
-        "n_levels": COUNT,
-        "step_lr": Positive(),
-        "n_steps_each": COUNT,
-        "skip_levels": Int(0, required=False),
-        "denoise": BOOL,
-    },
-}
-EVAL = {
-    "n_samples": Int(2),
-    "batch_size": COUNT,
-    "pot_reference_n": Int(0, required=False),
-    "pot_reference_max_dim": Int(1, required=False),
-    "pot_divergence_lam": Positive(required=False),
-    "conditional_n_x": Int(1, required=False, nullable=True),
-    "conditional_n_per_x": Int(1, required=False, nullable=True),
-    "device": Field("str", required=False, nullable=True),
-}
-TRAINER = {
-    "accelerator": Choice(*ACCELERATORS),
-    "strategy": STR,
-    "precision": Choice(*PRECISIONS),
-    "num_nodes": Int(1, required=False),
-    "log_every_n_steps": Int(1, required=False),
-    "gradient_clip_val": Float(0.0, nullable=True, required=False),
-    "deterministic": Choice(True, False, "warn", required=False),
-}
-PATHS = {
-    "output_root": STR,
-    "cache_dir": STR,
-    "data_dir": STR,
-    "allowed_roots": Field("list", required=False, nullable=True),
-}
-# config keys whose string values are filesystem paths (besides everything under ``paths``)
-PATH_KEY = re.compile(r"(^|_)(dir|root|path|file)$")
-
-
-# --------------------------------------------------------------------------------------------- checking
-
-
-class _Checker:
-    """Collects problems; :meth:`raise_first` raises the first as a one-line :class:`ConfigError`."""
-
-    def __init__(self, cfg: DictConfig) -> None:
-        self.cfg, self.problems = cfg, []
-
-    def add(self, msg: str) -> None:
-        self.problems.append(" ".join(str(msg).split()))
-
-    def raise_first(self) -> None:
-        if self.problems:
-            first, rest = self.problems[0], self.problems[1:]
-            more = f" (and {len(rest)} more: {'; '.join(rest)})" if rest else ""
-            raise ConfigError(first + more)
-
-    def get(self, key: str) -> Any:
-        """The resolved value at dotted ``key``; ``_MISSING`` if absent or ``???``; records resolution errors."""
-        node: Any = self.cfg
-        for part in key.split("."):
-            if not isinstance(node, DictConfig) or part not in node:
-                return _MISSING
-            try:
-                node = node[part]
-            except OmegaConfBaseException as e:
-                self.add(f"{key} cannot be resolved: {str(e).splitlines()[0]}")
-                return _MISSING
-        return node
-
-    def field(self, key: str, spec: Field) -> Any:
-        value = self.get(key)
-        if value is _MISSING:
-            if spec.required:
-                self.add(f"{key} is missing; expected {spec.expected()} (set {key}=...)")
-            return _MISSING
-        if value is None:
-            if not spec.nullable:
-                self.add(f"{key}=null is not allowed; expected {spec.expected()}")
-            return None
-        problem = _check_value(value, spec)
-        if problem is not None:
-            shown = repr(value) if isinstance(value, str) else _show(value)
-            self.add(f"{key}={shown} {problem}")
-            return _MISSING
-        return value
-
-    def group(self, prefix: str, schema: dict[str, Field]) -> dict[str, Any]:
-        """Check the keys of ``schema`` under ``prefix``; other keys of the group are left alone."""
-        node = self.get(prefix) if prefix else self.cfg
-        if node is _MISSING or not isinstance(node, DictConfig):
-            self.add(f"config group '{prefix}' is missing or not a mapping (add {prefix}=<option> or restore it)")
-            return {}
-        return {name: self.field(f"{prefix}.{name}" if prefix else name, spec) for name, spec in schema.items()}
-
-
-def _show(value: Any) -> str:
-    if OmegaConf.is_config(value):
-        return str(OmegaConf.to_container(value, resolve=False))
-    return str(value)
+# --------------------------------------------------------------------------------------------- rules across groups
 
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _check_value(value: Any, spec: Field) -> str | None:
-    """None if ``value`` fits ``spec``, else the complaint (without the key)."""
-    kind = spec.kind
-    if kind == "choice":
-        return None if value in spec.choices else f"is not one of {', '.join(map(str, spec.choices))}"
-    if kind == "bool":
-        return None if isinstance(value, bool) else f"has type {type(value).__name__}; expected true or false"
-    if kind == "str":
-        return None if isinstance(value, str) else f"has type {type(value).__name__}; expected a string"
-    if kind == "list":
-        return None if isinstance(value, (ListConfig, list, tuple)) else "must be a list, e.g. [a, b]"
-    if kind in ("mapping", "target"):
-        if not isinstance(value, DictConfig):
-            return f"has type {type(value).__name__}; expected {spec.expected()}"
-        return None
-    if kind == "int":
-        if not _is_int(value):
-            return f"has type {type(value).__name__}; expected {spec.expected()}"
-    elif kind == "float":
-        if not (isinstance(value, (int, float)) and not isinstance(value, bool)):
-            return f"has type {type(value).__name__}; expected {spec.expected()}"
-        if not math.isfinite(float(value)):
-            return f"must be finite; expected {spec.expected()}"
-    if spec.low is not None:
-        bad = value <= spec.low if spec.low_open else value < spec.low
-        if bad:
-            return f"must be {spec.expected()}"
-    return None
+def _data_shapes(plain: dict) -> list[Problem]:
+    data, out = plain.get("data") or {}, []
+    for attr in ("dim", "size"):
+        a, b = ((data.get(side) or {}).get(attr) for side in ("source", "target"))
+        for side, v in (("source", a), ("target", b)):
+            if v is not None and (not _is_int(v) or v < 1):
+                out.append(Problem(f"data.{side}.{attr}", "must be an integer >= 1", v))
+        if _is_int(a) and _is_int(b) and a != b:
+            out.append(Problem("data", f"dimension mismatch: data.source.{attr}={a} but data.target.{attr}={b}; the "
+                                       f"cost needs equal shapes (set data.dim, or both data.source.{attr} and "
+                                       f"data.target.{attr})", has_value=False))  # fmt: skip
+    return out
+
+
+def _devices(run: RunConfig) -> list[Problem]:
+    import torch
+
+    out = []
+    if run.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        out.append(Problem("trainer.accelerator", "but no CUDA device is visible; use trainer=cpu (or run on a "
+                                                  "machine with a GPU)", run.trainer.accelerator))  # fmt: skip
+    device = run.eval.device
+    if device is None:
+        return out
+    fix = "use null (the trainer's accelerator), cpu or cuda[:N]"
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        return [*out, Problem("eval.device", f"is not a torch device; {fix}", device)]
+    if kind not in ("cpu", "cuda"):
+        out.append(Problem("eval.device", f"is not supported; {fix}", device))
+    elif kind == "cuda" and not torch.cuda.is_available():
+        out.append(Problem("eval.device", "but no CUDA device is visible; use eval.device=cpu (or null)", device))
+    return out
+
+
+def _regularizer(run: RunConfig) -> list[Problem]:
+    """λ of the built-in regularisers; the KL-only objective. Runs after the ``_target_`` imports."""
+    out = []
+    reg = run.regularizer
+    if reg.target.startswith("scones.ot.") and reg.lam is None:
+        out.append(Problem("regularizer.lam", "regularizer.lam is missing; expected a number > 0 (set "
+                                              "regularizer.lam=...)", has_value=False))  # fmt: skip
+    if getattr(run.dual, "objective", None) == "logmeanexp" and getattr(locate(reg.target), "name", None) != "kl":
+        out.append(Problem("dual.objective", f"dual.objective=logmeanexp is the KL dual's shift-invariant form; "
+                                             f"regularizer._target_={reg.target!r} needs dual.objective=dual or auto "
+                                             "(or use regularizer=kl)", has_value=False))  # fmt: skip
+    return out
+
+
+# --------------------------------------------------------------------------------------------- _target_ nodes
 
 
 def locate(path: str) -> Any:
@@ -293,180 +133,71 @@ def locate(path: str) -> Any:
     raise ModuleNotFoundError(f"No module named '{parts[0]}'")
 
 
-def _check_targets(chk: _Checker, node: Any, prefix: str) -> None:
-    """Every ``_target_`` below ``node`` must be an importable dotted path (nodes stay open otherwise)."""
-    if not isinstance(node, DictConfig):
-        return
-    for k in node.keys():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if k == "_target_":
-            target = chk.get(key)
-            if not isinstance(target, str) or "." not in target:
-                chk.add(f"{key}={target!r} must be a full dotted class path (e.g. scones.data.SwissRoll)")
-                continue
-            try:
-                locate(target)
-            except (ImportError, AttributeError) as e:
-                chk.add(
-                    f"{key}={target!r} cannot be imported ({type(e).__name__}: {e}); give a full dotted path to a "
-                    "class importable from the working directory"
-                )
-            continue
-        if k == "hydra" and not prefix:
+_LAX = ConfigDict(arbitrary_types_allowed=True)
+
+
+def _arguments(obj: Any, node: dict, key: str) -> list[Problem]:
+    """Arguments in ``node`` that do not have the type ``obj`` annotates (unknown names are left alone)."""
+    try:
+        params = inspect.signature(obj).parameters
+        hints = typing.get_type_hints(obj.__init__ if inspect.isclass(obj) else obj)
+    except Exception:  # noqa: BLE001 - unannotated or unresolvable signatures are simply not checked
+        return []
+    out = []
+    for name, value in node.items():
+        hint = hints.get(name)
+        if name not in params or hint is None or hint is Any or (isinstance(value, dict) and "_target_" in value):
             continue
         try:
-            child = node[k]
-        except OmegaConfBaseException:
-            continue  # reported where the value is checked
-        _check_targets(chk, child, key)
+            TypeAdapter(hint, config=_LAX).validate_python(value)
+        except ValidationError as e:
+            wrong_type = any(x["type"] in schema.TYPE_ERRORS for x in e.errors(include_url=False))
+            want = schema.expected(hint)
+            complaint = f"has type {type(value).__name__}; expected {want}" if wrong_type else f"must be {want}"
+            out.append(Problem(f"{key}.{name}", complaint, value))
+        except Exception:  # noqa: BLE001 - a type pydantic cannot check (e.g. a protocol) is not checked
+            continue
+    return out
 
 
-def _check_target_node(chk: _Checker, key: str) -> None:
-    node = chk.get(key)
-    if node is _MISSING:
-        chk.add(f"{key} is missing; expected {TARGET.expected()}")
-    elif not isinstance(node, DictConfig) or "_target_" not in node:
-        chk.add(f"{key} must be a node with a _target_ class path (got {_show(node)})")
-
-
-def _check_data(chk: _Checker) -> None:
-    for side in ("source", "target"):
-        _check_target_node(chk, f"data.{side}")
-    chk.field("data.dim", Int(1, required=False))
-    for attr in ("dim", "size"):
-        a, b = chk.get(f"data.source.{attr}"), chk.get(f"data.target.{attr}")
-        for key, v in ((f"data.source.{attr}", a), (f"data.target.{attr}", b)):
-            if v is not _MISSING and v is not None and (not _is_int(v) or v < 1):
-                chk.add(f"{key}={_show(v)} must be an integer >= 1")
-        if _is_int(a) and _is_int(b) and a != b:
-            chk.add(
-                f"dimension mismatch: data.source.{attr}={a} but data.target.{attr}={b}; the cost needs equal "
-                f"shapes (set data.dim, or both data.source.{attr} and data.target.{attr})"
-            )
-
-
-def _check_cost_and_regularizer(chk: _Checker) -> None:
-    _check_target_node(chk, "cost")
-    _check_target_node(chk, "regularizer")
-    chk.field("cost.reduction", Choice("sum", "mean", required=False))
-    target = chk.get("regularizer._target_")
-    builtin = isinstance(target, str) and target.startswith("scones.ot.")  # KL / ChiSquared need lam
-    chk.field("regularizer.lam", Positive(required=builtin))
-    chk.field("regularizer.beta", Positive(required=False))
-
-
-def _check_sigmas(chk: _Checker, prefix: str, values: dict) -> None:
-    hi, lo = values.get("sigma_max"), values.get("sigma_min")
-    if isinstance(hi, (int, float)) and isinstance(lo, (int, float)) and hi < lo:
-        chk.add(f"{prefix}.sigma_max={hi} must be >= {prefix}.sigma_min={lo}")
-
-
-def _kind(chk: _Checker, key: str, kinds: tuple[str, ...]) -> str | None:
-    value = chk.get(key)
-    if value is _MISSING:
-        chk.add(f"{key} is missing; expected one of {', '.join(kinds)}")
-        return None
-    if value not in kinds:
-        chk.add(f"{key}={value!r} is not one of {', '.join(kinds)}")
-        return None
-    return value
-
-
-def _check_stages(chk: _Checker) -> None:
-    kind = _kind(chk, "dual.kind", tuple(DUAL))
-    if kind is not None:
-        values = chk.group("dual", DUAL[kind])
-        reg = chk.get("regularizer._target_")
-        if values.get("objective") == "logmeanexp" and isinstance(reg, str) and not reg.endswith(".KL"):
-            chk.add(
-                f"dual.objective=logmeanexp is the KL dual's shift-invariant form; regularizer._target_={reg!r} "
-                "needs dual.objective=dual or auto (or use regularizer=kl)"
-            )
-
-    kind = _kind(chk, "score.kind", SCORE_KINDS)
-    if kind == "exact":
-        chk.group("score", {"kind": Choice(*SCORE_KINDS)})
-    elif kind is not None:
-        _check_sigmas(chk, "score", chk.group("score", SCORE_LEARNED))
-
-    chk.group("bp", BP)
-
-    kind = _kind(chk, "sampler.kind", tuple(SAMPLER))
-    if kind is not None:
-        values = chk.group("sampler", SAMPLER[kind])
-        if kind == "annealed":
-            _check_sigmas(chk, "sampler", values)
-            levels, skip = values.get("n_levels"), values.get("skip_levels")
-            if _is_int(levels) and _is_int(skip) and skip >= levels:
-                chk.add(f"sampler.skip_levels={skip} must be < sampler.n_levels={levels}")
-
-
-def _check_trainer(chk: _Checker) -> None:
-    values = chk.group("trainer", TRAINER)
-    devices = chk.get("trainer.devices")
-    if devices is _MISSING:
-        chk.add("trainer.devices is missing; expected an integer >= 1, -1 (all), 'auto' or a list of device ids")
-    elif not (
-        (_is_int(devices) and (devices >= 1 or devices == -1))
-        or devices == "auto"
-        or (isinstance(devices, ListConfig) and all(_is_int(d) for d in devices))
-    ):
-        chk.add(f"trainer.devices={_show(devices)} must be an integer >= 1, -1 (all), 'auto' or a list of ids")
-    if values.get("accelerator") in ("gpu", "cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            chk.add(
-                f"trainer.accelerator={values['accelerator']!r} but no CUDA device is visible; use trainer=cpu "
-                "(or run on a machine with a GPU)"
-            )
-
-
-def _check_eval_device(chk: _Checker) -> None:
-    device = chk.get("eval.device")
-    if device is _MISSING or device is None or not isinstance(device, str):
+def _targets(node: Any, prefix: str) -> Iterator[Problem]:
+    """Every ``_target_`` below ``node`` is an importable dotted path whose annotated arguments fit."""
+    if not isinstance(node, dict):
         return
-    import torch
+    target = node.get("_target_")
+    if "_target_" in node:
+        key = f"{prefix}._target_" if prefix else "_target_"
+        if not isinstance(target, str) or "." not in target:
+            yield Problem(key, "must be a full dotted class path (e.g. scones.data.SwissRoll)", target)
+        else:
+            try:
+                obj = locate(target)
+            except (ImportError, AttributeError) as e:
+                yield Problem(key, f"cannot be imported ({type(e).__name__}: {e}); give a full dotted path to a class "
+                                   "importable from the working directory", target)  # fmt: skip
+            else:
+                yield from _arguments(obj, node, prefix)
+    for k, child in node.items():
+        yield from _targets(child, f"{prefix}.{k}" if prefix else str(k))
 
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        chk.add(f"eval.device={device!r} is not a torch device; use null (the trainer's accelerator), cpu or cuda[:N]")
-        return
-    if kind not in ("cpu", "cuda"):
-        chk.add(f"eval.device={device!r} is not supported; use null (the trainer's accelerator), cpu or cuda[:N]")
-    elif kind == "cuda" and not torch.cuda.is_available():
-        chk.add(f"eval.device={device!r} but no CUDA device is visible; use eval.device=cpu (or null)")
 
-
-def validate_config(cfg: DictConfig, run_dir: str | os.PathLike | None = None, check_paths: bool = True) -> None:
-    """Check a composed config before anything is built; raise :class:`ConfigError` (one line) on the first problem.
-
-    ``run_dir`` (the Hydra run directory) is confined to the allowed roots too. Problems after the first are
-    summarised in the same line.
-    """
-    chk = _Checker(cfg)
-    top = chk.group("", TOP)
-    name = top.get("name")
-    if isinstance(name, str) and (not name.strip() or ".." in Path(name).parts or Path(name).is_absolute()):
-        chk.add(f"name={name!r} must be a relative directory name without '..' (it names the output folder)")
-    _check_data(chk)
-    _check_cost_and_regularizer(chk)
-    _check_stages(chk)
-    chk.group("eval", EVAL)
-    _check_eval_device(chk)
-    _check_trainer(chk)
-    wandb = chk.get("logger.wandb")
-    if wandb is not _MISSING and wandb is not None and not isinstance(wandb, DictConfig):
-        chk.add(f"logger.wandb={_show(wandb)} must be null or a mapping of wandb.init arguments")
-    roots = chk.group("paths", PATHS).get("allowed_roots")
-    if isinstance(roots, ListConfig) and not all(isinstance(r, str) for r in roots):
-        chk.add(f"paths.allowed_roots={_show(roots)} must be a list of directory paths")
-    chk.raise_first()  # value problems first: they need no imports
-    _check_targets(chk, cfg, "")
-    chk.raise_first()
+def validate_config(
+    cfg: DictConfig, run_dir: str | os.PathLike | None = None, check_paths: bool = True
+) -> RunConfig:
+    """Check a composed config before anything is built and return it typed; raise :class:`ConfigError` (one
+    line: the first problem, the others summarised) otherwise. ``run_dir`` (the Hydra run directory) is confined
+    to the allowed roots too."""
+    run, plain, problems = schema.check(cfg)
+    problems += _data_shapes(plain)
+    if run is not None:
+        problems += _devices(run)
+    raise_first(sorted(problems, key=lambda p: p.order))  # value problems first: they need no imports
+    problems = [schema.trace(cfg, p) for p in _targets(plain, "")]
+    raise_first(problems)
+    raise_first(_regularizer(run))
     if check_paths:
         confine_paths(cfg, run_dir)
+    return run
 
 
 # --------------------------------------------------------------------------------------------- paths

@@ -130,6 +130,13 @@ BAD = [
     (["data.target._target_=nowhere.Missing"], "data.target._target_='nowhere.Missing' cannot be imported"),
     # output folder name
     (["name=../../elsewhere"], "name='../../elsewhere' must be a relative directory name"),
+    # a bad value that reaches other keys by interpolation names the key the user set
+    (["+experiment=eot_benchmark", "data.eps=-1"],
+     "data.eps=-1 makes regularizer.lam=-2 (regularizer.lam: ${mul:2,${data.eps}}), which must be a number > 0; "
+     "change data.eps"),
+    (["+experiment=gaussian", "data.pair=abc"],
+     "data.pair='abc' makes data.source.pair='abc' (data.source.pair: ${data.pair}), which has type str; expected an "
+     "integer; change data.pair"),
 ]
 
 
@@ -204,11 +211,14 @@ def test_preflight_accepts_good_command_lines(tmp_path):
     check_group_choices(["sampler=ula,annealed", "~score", "logger=null", "hydra.run.dir=x"])
 
 
-def test_schema_vocabularies_match_the_library():
-    from experiments import validation
-    from scones.sampling import conditional
+def test_schema_vocabularies_are_the_library_s():
+    from typing import get_args
 
-    assert validation.SAMPLER_INITS == conditional.INITS
+    from experiments import schema
+    from scones.sampling import conditional, settings
+
+    assert conditional.INITS == settings.INITS == get_args(settings.SamplerSettings.model_fields["init"].annotation)
+    assert schema.RunConfig.model_fields["sampler"].annotation == get_args(settings.Sampler)[0]
 
 
 def test_cli_bad_value_is_one_line_and_creates_no_run_dir(tmp_path):

@@ -7,12 +7,19 @@ flattened, so images ``(n, C, H, W)`` work as ``(n, C*H*W)``.
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 from torch import Tensor
 
 
 def _flat(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], -1)
+
+
+Reduction = Literal["sum", "mean"]
+"""Sum over coordinates, or mean (÷ D, images: per pixel)."""
+REDUCTIONS: tuple[str, ...] = get_args(Reduction)
 
 
 class SquaredEuclidean:
@@ -25,9 +32,9 @@ class SquaredEuclidean:
     Janati et al. closed form with σ² = λ/2.
     """
 
-    def __init__(self, reduction: str = "sum") -> None:
-        if reduction not in ("sum", "mean"):
-            raise ValueError(f"cost.reduction must be 'sum' or 'mean', got {reduction!r}")
+    def __init__(self, reduction: Reduction = "sum") -> None:
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"cost.reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
         self.reduction = reduction
 
     def scale(self, x: Tensor) -> float:

@@ -19,6 +19,7 @@ the constant (φ + k, ψ) that J' cannot see. :func:`calibrate_mass_` restores i
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -76,7 +77,12 @@ def grad_log_compatibility(pot, x: Tensor, y: Tensor) -> Tensor:
     return coeff.reshape(-1, *([1] * (y.dim() - 1))) * grad_v
 
 
-OBJECTIVES = ("dual", "logmeanexp")
+Pairs = Literal["all", "diagonal"]
+"""Pairs of a batch the estimator uses: all n² (paper Alg. 1) or the n diagonal ones (SCONES code)."""
+PAIRS: tuple[str, ...] = get_args(Pairs)
+Objective = Literal["dual", "logmeanexp"]
+"""J (the paper) or its shift-invariant form J' (KL only; then :func:`calibrate_mass_`)."""
+OBJECTIVES: tuple[str, ...] = get_args(Objective)
 
 
 def dual_objective(
@@ -88,14 +94,14 @@ def dual_objective(
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"dual.objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    if pairs not in PAIRS:
+        raise ValueError(f"dual.pairs must be one of {', '.join(PAIRS)}, got {pairs!r}")
     if pairs == "all":
         fx, gy = pot.phi(x), pot.psi(y)
         v = fx[:, None] + gy[None, :] - pot.cost.pairwise(x, y)
-    elif pairs == "diagonal":
+    else:
         fx, gy = pot.phi(x), pot.psi(y)
         v = fx + gy - pot.cost(x, y)
-    else:
-        raise ValueError(f"dual.pairs must be 'all' or 'diagonal', got {pairs!r}")
     if objective == "logmeanexp":
         lam = _kl_lam(pot, "dual.objective=logmeanexp")
         log_mean_h = torch.logsumexp(v.flatten() / lam, 0) - math.log(v.numel())

@@ -14,6 +14,7 @@ from torch import Tensor
 from scones.ot.dual import grad_log_compatibility
 from scones.sampling.langevin import annealed_langevin, ula
 from scones.sampling.schedules import geometric_sigmas
+from scones.sampling.settings import INITS, SAMPLER_KINDS
 
 
 class ConditionalScore:
@@ -65,7 +66,6 @@ class ExactPriorScore:
         return self
 
 
-INITS = ("source", "bp", "bp_noise", "noise")
 
 
 def initial_chains(
@@ -113,8 +113,8 @@ def sample_conditional(
     ``guidance`` (default 1) scales ∇_y log H.
     """
     kind = sampler.get("kind")
-    if kind not in ("ula", "annealed"):
-        raise ValueError(f"sampler.kind must be 'ula' or 'annealed'; got {kind!r}")
+    if kind not in SAMPLER_KINDS:
+        raise ValueError(f"sampler.kind must be one of {', '.join(SAMPLER_KINDS)}; got {kind!r}")
     if int(batch_size) < 1:
         raise ValueError(f"sampling batch size (eval.batch_size) must be >= 1, got {batch_size}")
     out = []

@@ -25,7 +25,7 @@ from experiments import pipeline
 from experiments.validation import ConfigError
 from scones.coupling import Coupling
 from scones.ot.dual import DualPotentials
-from scones.sampling.conditional import ExactPriorScore
+from scones.sampling.conditional import ExactPriorScore, LearnedPriorScore
 
 
 class RunDirError(FileNotFoundError):
@@ -38,11 +38,11 @@ def load_coupling(run_dir: str | Path, device: str | torch.device = "cpu") -> Co
     Reads ``<run_dir>/config.yaml`` (the resolved config) and ``<run_dir>/metrics.json``, whose
     ``stages.<name>.dir`` point at the cached stage directories (``final.pt``: weights-only state dicts, loaded with
     ``torch.load(weights_only=True)``). Distributions, cost, regulariser and networks are rebuilt from the saved
-    config nodes through the pipeline's builders, and the sampler uses the run's prior score (exact, or the learned
-    one with its EMA weights) and chain initialisation. Relative stage directories are looked up from the working
-    directory, the run directory's parents (runs live in ``<output_root>/<name>/runs/<time>``, stages in
-    ``<output_root>/cache``) and ``paths.cache_dir``. Nothing is trained: a missing stage raises
-    :class:`RunDirError`.
+    config nodes through the pipeline's builders; the prior score is the run's (exact, or the learned one with its
+    EMA weights) and sampling follows :mod:`scones.sampling.conditional`, as in the run's evaluate stage. Relative
+    stage directories are looked up from the working directory, the run directory's parents (runs live in
+    ``<output_root>/<name>/runs/<time>``, stages in ``<output_root>/cache``) and ``paths.cache_dir``. Nothing is
+    trained: a missing stage raises :class:`RunDirError`.
     """
     run_dir = Path(run_dir)
     cfg_file, metrics_file = run_dir / "config.yaml", run_dir / "metrics.json"
@@ -59,6 +59,7 @@ def load_coupling(run_dir: str | Path, device: str | torch.device = "cpu") -> Co
     except ConfigError as e:
         raise RunDirError(f"{cfg_file}: {e}") from None
     dim = pipeline.data_dim(source)
+    sampler = pipeline.sampler_settings(cfg)
 
     def build(key: str, **kwargs):
         try:
@@ -91,7 +92,7 @@ def load_coupling(run_dir: str | Path, device: str | torch.device = "cpu") -> Co
         module = ScoreModule(build("score.net", dim=dim), geometric_sigmas(sc.sigma_max, sc.sigma_min, sc.n_levels),
                              ema_decay=sc.get("ema_decay"))
         _load_module(module, _stage_dir(run_dir, cfg, stages, "score"), "score")
-        prior_score = pipeline.sampler_prior_score(cfg, module.to(device))
+        prior_score = LearnedPriorScore.for_sampler(module.to(device), sampler)
 
     bp_net = None
     if stages.get("bp") is not None:
@@ -99,12 +100,8 @@ def load_coupling(run_dir: str | Path, device: str | torch.device = "cpu") -> Co
         _load_module(bp_net, _stage_dir(run_dir, cfg, stages, "bp"), "bp")
         bp_net = bp_net.to(device)
 
-    def chains(x: torch.Tensor, y_bp: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
-        return pipeline.initial_chains(cfg, x, y_bp, generator)  # the run's rule (incl. skipped levels)
-
     return Coupling(
-        potentials, source, target, prior_score=prior_score, barycentric_map=bp_net,
-        sampler=OmegaConf.to_container(cfg.sampler, resolve=True), initial_chains=chains,
+        potentials, source, target, prior_score=prior_score, barycentric_map=bp_net, sampler=sampler,
         batch_size=int(cfg.eval.batch_size), device=device, config=cfg, run_dir=run_dir,
     )
 

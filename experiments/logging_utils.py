@@ -21,9 +21,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
@@ -136,33 +134,19 @@ def progress_bar(desc: str, total_steps: int) -> ProgressBar:
 
 
 class SamplingProgress:
-    """Wraps a prior score ``(y, level) -> score`` to report Langevin progress in non-TTY logs.
+    """Langevin progress in non-TTY logs: a sampler ``callback`` (called once per Langevin step) that prints a
+    :class:`ProgressLine`. On a terminal it does nothing (the samplers draw their own tqdm bars)."""
 
-    Every sampler step evaluates the conditional score once, i.e. calls the prior score once, so counting
-    calls counts steps. On a terminal it is a pass-through (the samplers draw their own tqdm bars).
-    """
-
-    def __init__(self, prior_score: Callable, total_steps: int, desc: str = "sampling", enabled: bool | None = None):
-        self.prior_score = prior_score
-        self.calls = 0
+    def __init__(self, total_steps: int, desc: str = "sampling", enabled: bool | None = None):
+        self.steps = 0
         enabled = (not is_interactive()) if enabled is None else enabled
         self.line = ProgressLine(desc, total_steps, "steps",
                                  float(os.environ.get("SCONES_PROGRESS_INTERVAL", 60))) if enabled else None
 
-    def __call__(self, y, level):
-        out = self.prior_score(y, level)
-        self.calls += 1
+    def __call__(self, info: dict) -> None:
+        self.steps += 1
         if self.line is not None:
-            self.line.update(min(self.calls, self.line.total), force=self.calls == self.line.total)
-        return out
-
-
-def sampler_steps(sampler: Any) -> int:
-    """Langevin steps (= score evaluations) per chain batch for a ``sampler`` config node."""
-    if sampler.get("kind") == "ula":
-        return int(sampler["n_steps"])
-    levels = int(sampler["n_levels"]) - int(sampler.get("skip_levels", 0))
-    return levels * int(sampler["n_steps_each"]) + int(bool(sampler.get("denoise", True)))
+            self.line.update(min(self.steps, self.line.total), force=self.steps == self.line.total)
 
 
 # --------------------------------------------------------------------------------------------- CSV

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -30,15 +31,17 @@ from experiments.distributed import (
     is_rank_zero,
     world_size,
 )
-from experiments.logging_utils import SamplingProgress, Tracker, sampler_steps, tracking
+from experiments.logging_utils import SamplingProgress, Tracker, tracking
 from experiments.stages import Stage, atomic_write_bytes, atomic_write_json, make_stage, run_training_stage
 from experiments.validation import ConfigError, validate_config
-from scones.data.streams import mix_seed, stream_loader
+from scones.coupling import Coupling, chunk_seed
+from scones.data.streams import stream_loader
 from scones.models.barycentric import BarycentricModule
 from scones.models.dual import DualModule
 from scones.models.score import ScoreModule
 from scones.ot.dual import DualPotentials, violation
 from scones.sampling import conditional
+from scones.sampling.conditional import sampler_steps
 from scones.sampling.langevin import NonFiniteSampleError
 from scones.sampling.schedules import geometric_sigmas
 
@@ -194,7 +197,7 @@ def score_stage(cfg: DictConfig, target) -> tuple[Any, Stage | None]:
     loader = stream_loader([target], cfg.score.batch_size, _seed(cfg, 11), cfg.get("num_workers", 0))
     run_training_stage(cfg, stage, module, loader, int(cfg.score.steps), module)
     module.eval()
-    return sampler_prior_score(cfg, module), stage
+    return conditional.LearnedPriorScore.for_sampler(module, sampler_settings(cfg)), stage
 
 
 def check_score_schedule(cfg: DictConfig, net, sigmas: torch.Tensor) -> None:
@@ -219,14 +222,9 @@ def check_score_schedule(cfg: DictConfig, net, sigmas: torch.Tensor) -> None:
             )
 
 
-def sampler_prior_score(cfg: DictConfig, module: ScoreModule):
-    """The learned ``prior_score(y, level)`` as the sampler calls it: the annealed sampler's ``level`` indexes its own
-    schedule (sampler.sigma_*), which may differ from the training one for σ-agnostic nets; ULA passes level 0."""
-    if cfg.sampler.kind != "annealed":
-        return conditional.LearnedPriorScore(module)
-    s = cfg.sampler
-    levels = [float(v) for v in geometric_sigmas(s.sigma_max, s.sigma_min, s.n_levels)]
-    return conditional.LearnedPriorScore(module, levels)
+def sampler_settings(cfg: DictConfig) -> dict:
+    """The ``sampler`` node as the plain mapping :mod:`scones.sampling.conditional` reads."""
+    return OmegaConf.to_container(cfg.sampler, resolve=True)
 
 
 def bp_stage(cfg: DictConfig, source, target, potentials, dual: Stage) -> tuple[Any, Stage]:
@@ -246,11 +244,6 @@ def bp_stage(cfg: DictConfig, source, target, potentials, dual: Stage) -> tuple[
 # --------------------------------------------------------------------------------------------- sampling
 
 
-@torch.no_grad()
-def batched(fn, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    return torch.cat([fn(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)])
-
-
 def _to(obj, device: torch.device):
     """``obj`` on ``device`` through its ``.to`` (modules and prior scores move in place and return themselves,
     Online Sinkhorn potentials return a moved copy); anything without ``.to`` is returned as is."""
@@ -258,13 +251,21 @@ def _to(obj, device: torch.device):
 
 
 @contextmanager
-def placed(device: torch.device, *objs):
-    """Yield ``objs`` on ``device`` (the evaluation device); objects moved in place are moved back to the CPU
-    afterwards, so the CPU-side metrics that follow (calibration, density, classifier) see them where they were
-    trained to be (a moved copy is simply dropped)."""
+def evaluation_coupling(cfg: DictConfig, source, target, potentials, prior_score, bp_net) -> Iterator[Coupling]:
+    """The run's plan as the :class:`~scones.coupling.Coupling` a user loads, on the evaluation device
+    (:func:`~experiments.distributed.evaluation_device`: ``eval.device``, the GPU of a GPU run), ``eval.batch_size``
+    chains per chunk. Objects moved in place are moved back to the CPU afterwards, so the CPU-side metrics that
+    follow (calibration, density, classifier) see them where they were trained (a moved copy is simply dropped)."""
+    device = evaluation_device(cfg)
+    objs = (potentials, prior_score, bp_net)
     moved = [_to(o, device) for o in objs]
     try:
-        yield moved
+        yield Coupling(moved[0], source, target, prior_score=moved[1], barycentric_map=moved[2],
+                       sampler=sampler_settings(cfg), batch_size=int(cfg.eval.batch_size), device=device)
+    except ValueError as e:  # sampler settings the sampler refuses (e.g. sampler.init): name the config keys
+        raise ConfigError(str(e)) from None
+    except NonFiniteSampleError as e:  # name the stage and the sampler (the message has the level/step)
+        raise NonFiniteSampleError(f"stage 'evaluate' (sampler.kind={cfg.sampler.kind}): {e}") from None
     finally:
         if device.type != "cpu":
             for o, m in zip(objs, moved, strict=True):
@@ -272,68 +273,25 @@ def placed(device: torch.device, *objs):
                     _to(o, torch.device("cpu"))
 
 
-@torch.no_grad()
-def apply_bp(cfg: DictConfig, bp_net, x: torch.Tensor) -> torch.Tensor:
-    """T(x) for every row of ``x`` (CPU in, CPU out), ``eval.batch_size`` rows at a time on the evaluation device."""
-    device = evaluation_device(cfg)
-    with placed(device, bp_net) as (net,):
-        return batched(lambda xb: net(xb.to(device)).reshape(xb.shape).cpu(), x, int(cfg.eval.batch_size))
+def sample_sharded(coupling: Coupling, x: torch.Tensor, y0: torch.Tensor, g: torch.Generator) -> torch.Tensor | None:
+    """:meth:`Coupling.run_chains` over all chunks of ``x``, shared out between the processes of a DDP run.
 
-
-def initial_chains(cfg: DictConfig, x: torch.Tensor, y_bp: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Chain starts per ``sampler.init`` (see :func:`scones.sampling.conditional.initial_chains`).
-
-    With ``sampler.skip_levels`` > 0 the annealed chains start at the noise of the first level actually run,
-    y₀ = T(x) + σ_{skip+1}·z (spec §3b; USPS→MNIST: σ_4 ≈ 0.215), not at ``sigma_max``.
+    With an initialised process group (``trainer=ddp``) rank r runs chunks r, r+W, r+2W, ... and rank 0 gathers all
+    of them; the other ranks return ``None``. Chunk seeds come from ``g``'s state (left untouched), so the samples
+    do not depend on how chunks are spread. A failure on any rank is raised on every rank (no rank waits forever in
+    the gather). With a GPU the noise comes from a CUDA generator: samples differ from a CPU run's by the stream.
     """
-    sampler = cfg.sampler
-    skip = int(sampler.get("skip_levels", 0) or 0) if sampler.get("kind") == "annealed" else 0
-    if skip > 0:
-        first = float(geometric_sigmas(sampler.sigma_max, sampler.sigma_min, sampler.n_levels)[skip])
-        sampler = {**OmegaConf.to_container(sampler, resolve=True), "sigma_max": first}
-    try:
-        return conditional.initial_chains(sampler, x, y_bp, g)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-
-
-def sample_scones(
-    cfg: DictConfig, prior_score, potentials, x: torch.Tensor, y0: torch.Tensor, g
-) -> torch.Tensor | None:
-    """Conditional Langevin for every source in ``x``, in chunks of ``eval.batch_size`` chains.
-
-    Chunk ``c`` draws its noise from its own generator (seeded from ``g``'s state and ``c``), so the samples
-    do not depend on how chunks are spread over processes. With an initialised process group (``trainer=ddp``)
-    rank r samples chunks r, r+W, r+2W, ... and rank 0 gathers all of them; the other ranks return ``None``.
-    A failure on any rank is raised on every rank (no rank waits forever in the gather). The chains run on
-    :func:`~experiments.distributed.evaluation_device` (``eval.device``; the GPU of a GPU run); with a GPU the
-    noise comes from a CUDA generator, so the samples differ from a CPU run's by the random stream only.
-    """
-    bs = int(cfg.eval.batch_size)
-    if bs < 1:
-        raise ConfigError(f"eval.batch_size={bs} must be >= 1")
-    starts = list(range(0, x.shape[0], bs))
-    peek = torch.Generator().set_state(g.get_state())  # chunk seeds from g's state, leaving g untouched
-    base = int(torch.randint(0, 2**62, (1,), generator=peek))
+    seed = chunk_seed(g)
     rank, world = (global_rank(), world_size()) if is_distributed() else (0, 1)
-    mine = [c for c in range(len(starts)) if c % world == rank]
+    mine = [c for c in range(coupling.n_chunks(x.shape[0])) if c % world == rank]
     desc = "sampling" if world == 1 else f"sampling (rank 0 of {world})"
-    device = evaluation_device(cfg)
+    progress = SamplingProgress(sampler_steps(coupling.sampler) * len(mine), desc, None if rank == 0 else False)
     out: dict[int, torch.Tensor] = {}
     error: Exception | None = None
     try:
-        with placed(device, prior_score, potentials) as (prior_d, potentials_d):
-            total = sampler_steps(cfg.sampler) * len(mine)
-            score = SamplingProgress(prior_d, total, desc, None if rank == 0 else False)
-            for c in mine:
-                i = starts[c]
-                gc = torch.Generator(device=device).manual_seed(mix_seed(base, c))
-                xb, yb = x[i : i + bs].to(device), y0[i : i + bs].to(device)
-                out[c] = conditional.sample_conditional(score, potentials_d, xb, yb, cfg.sampler, bs, gc).cpu()
-    except ValueError as e:
-        error = ConfigError(str(e))
-    except NonFiniteSampleError as e:  # name the stage and the sampler (the message has the level/step)
-        error = NonFiniteSampleError(f"stage 'evaluate' (sampler.kind={cfg.sampler.kind}): {e}")
+        out = {c: t.cpu() for c, t in coupling.run_chains(x, y0, seed, mine, callback=progress).items()}
+    except (ValueError, NonFiniteSampleError) as e:
+        error = e
     parts = gather_to_rank_zero((out, error))
     errors = [error] if parts is None else [e for _, e in parts if e is not None]
     if errors and errors[0] is not None:
@@ -341,7 +299,7 @@ def sample_scones(
     if parts is None:
         return None
     chunks = {c: t for part, _ in parts for c, t in part.items()}
-    return torch.cat([chunks[c] for c in range(len(starts))])
+    return torch.cat([chunks[c] for c in range(len(chunks))])
 
 
 # --------------------------------------------------------------------------------------------- evaluate
@@ -355,9 +313,10 @@ def evaluate(cfg: DictConfig, run_dir: Path, source, target, cost, regularizer, 
     g = torch.Generator().manual_seed(_seed(cfg, 100))
     t0 = time.perf_counter()
     x, x_labels = images.sample_with_labels(source, n, g)  # labels: digit image sets (label consistency)
-    y_bp = apply_bp(cfg, bp_net, x)
-    y0 = initial_chains(cfg, x, y_bp, g)
-    y = sample_scones(cfg, prior_score, potentials, x, y0, g)
+    plan = (cfg, source, target, potentials, prior_score, bp_net)
+    with evaluation_coupling(*plan) as coupling:
+        y_bp = coupling.barycentric(x).cpu()
+        y = sample_sharded(coupling, x, coupling.start_chains(x, y_bp, g), g)
     if y is None:  # rank > 0 of a DDP run: its chains went to rank 0, which computes and writes everything
         return None
     sampling_seconds = time.perf_counter() - t0
@@ -372,9 +331,10 @@ def evaluate(cfg: DictConfig, run_dir: Path, source, target, cost, regularizer, 
     if density_metrics is not None:  # p and q have known densities: calibration, marginals, KL to the truth
         metrics["density"] = density_metrics
 
-    def scones_sampler(xr: torch.Tensor) -> torch.Tensor:  # fresh SCONES samples for other sources
-        y_bp_r = apply_bp(cfg, bp_net, xr)
-        return sample_scones(cfg, prior_score, potentials, xr, initial_chains(cfg, xr, y_bp_r, g), g)
+    def scones_sampler(xr: torch.Tensor) -> torch.Tensor:  # fresh SCONES samples for other sources (this process)
+        with evaluation_coupling(*plan) as coupling:
+            progress = SamplingProgress(sampler_steps(coupling.sampler) * coupling.n_chunks(len(xr)), "sampling")
+            return coupling.sample(xr, generator=g, callback=progress).reshape(xr.shape).cpu()
 
     bench = getattr(target, "benchmark", None)
     if bench is not None and hasattr(bench, "conditional_moments"):  # exact conditional plan known (EOT benchmark)

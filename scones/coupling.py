@@ -23,15 +23,17 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from scones.data.streams import mix_seed
 from scones.ot.dual import violation, violation_matrix
 from scones.sampling.conditional import initial_chains, sample_conditional
+from scones.sampling.langevin import Callback
 
 PriorScore = Callable[[Tensor, int], Tensor]
 
@@ -48,10 +50,8 @@ class Coupling:
         barycentric_map: network T with ``T(x) ≈ E_π[y | x]`` (the BP stage); needed by :meth:`barycentric`
             and by samplers initialised with ``init: bp`` / ``bp_noise``.
         sampler: the ``sampler`` config node as a mapping (``kind``, ``init``, step sizes; see
-            :func:`scones.sampling.conditional.sample_conditional`).
-        initial_chains: ``(x, T(x) or None, generator) -> y₀``; default
-            :func:`scones.sampling.conditional.initial_chains` with ``sampler``.
-        batch_size: chains (and network inputs) processed together.
+            :mod:`scones.sampling.conditional`, which holds every rule that turns it into chains).
+        batch_size: chains (and network inputs) processed together; one chunk of chains (own noise seed).
         device: where tensors are evaluated; inputs are moved there.
         n_normalizer: source and target samples used for the Monte-Carlo normaliser Z = E_{p⊗q}[H]
             (all n² pairs).
@@ -67,7 +67,6 @@ class Coupling:
         prior_score: PriorScore | None = None,
         barycentric_map: Callable[[Tensor], Tensor] | None = None,
         sampler: Mapping | None = None,
-        initial_chains: Callable[[Tensor, Tensor | None, torch.Generator | None], Tensor] | None = None,
         batch_size: int = 1000,
         device: str | torch.device = "cpu",
         n_normalizer: int = 2000,
@@ -77,7 +76,8 @@ class Coupling:
         self.potentials, self.source, self.target = potentials, source, target
         self.prior_score, self.barycentric_map = prior_score, barycentric_map
         self.sampler = dict(sampler) if sampler is not None else None
-        self.initial_chains = initial_chains
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size (eval.batch_size) must be >= 1, got {batch_size}")
         self.batch_size, self.device, self.n_normalizer = int(batch_size), torch.device(device), int(n_normalizer)
         self.config, self.run_dir = config, None if run_dir is None else Path(run_dir)
         self._log_z: float | None = None
@@ -210,29 +210,69 @@ class Coupling:
                for i in range(0, x.shape[0], self.batch_size)]
         return torch.cat(out)
 
-    def sample(self, x, n: int = 1, generator: torch.Generator | None = None) -> Tensor:
+    def start_chains(self, x, y_bp: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+        """Chain starts y₀ per ``sampler["init"]`` (:func:`scones.sampling.conditional.initial_chains`: source,
+        T(x), T(x) + s·z or s·z with s the σ of the first annealing level run), one per row of ``x``, on
+        :attr:`device`. ``y_bp`` = T(x) when already computed; else the BP network is run if the init needs it."""
+        self._check_sampler()
+        x = self._check_x(x)
+        if y_bp is None and str(self.sampler.get("init")).startswith("bp"):
+            y_bp = self.barycentric(x)
+        return initial_chains(self.sampler, x, None if y_bp is None else self._tensor(y_bp), generator)
+
+    def n_chunks(self, n: int) -> int:
+        """Chunks of ``batch_size`` chains that :meth:`run_chains` splits ``n`` chains into."""
+        return -(-int(n) // self.batch_size)
+
+    def run_chains(self, x, y0, seed: int, chunks: Iterable[int] | None = None,
+                   callback: Callback | None = None) -> dict[int, Tensor]:
+        """Langevin chains from ``y0`` on ∇_y log q + ∇_y log H(x_i, ·), in chunks of ``batch_size`` rows.
+
+        Chunk c (rows c·batch_size …) draws its noise from its own generator on :attr:`device`, seeded with
+        ``mix_seed(seed, c)``, so the samples do not depend on which process runs which chunk: a distributed
+        caller runs a share of ``chunks`` per process and concatenates. Returns ``{c: samples of chunk c}``
+        (on :attr:`device`) for the chunks asked (default all); ``callback`` sees every Langevin step.
+        """
+        self._check_sampler()
+        x, y0 = self._check_x(x), self._tensor(y0)
+        bs = self.batch_size
+        out = {}
+        for c in range(self.n_chunks(x.shape[0])) if chunks is None else chunks:
+            g = torch.Generator(device=self.device).manual_seed(mix_seed(int(seed), int(c)))
+            rows = slice(c * bs, (c + 1) * bs)
+            out[c] = sample_conditional(self.prior_score, self.potentials, x[rows], y0[rows], self.sampler, bs, g,
+                                        callback=callback)
+        return out
+
+    def sample(self, x, n: int = 1, generator: torch.Generator | None = None,
+               callback: Callback | None = None) -> Tensor:
         """``n`` conditional samples y ~ π̂(· | x_i) for every row of ``x``: shape ``(len(x), n, *shape)``.
 
-        Runs the configured sampler (:attr:`sampler`) on ∇_y log q + ∇_y log H(x_i, ·), all chains at once
-        in batches of ``batch_size``; chains start as ``sampler["init"]`` says. ``generator`` (CPU) makes
-        the draw reproducible.
+        The configured sampler (:attr:`sampler`) on ∇_y log q + ∇_y log H(x_i, ·): chains start as
+        :meth:`start_chains` says and run in chunks (:meth:`run_chains`) whose seeds come from ``generator``'s
+        state (CPU; the default generator without one), which makes the draw reproducible.
         """
+        self._check_sampler()
+        if int(n) < 1:
+            raise ValueError(f"n (samples per source) must be >= 1, got {n}")
+        xs = self._check_x(x).repeat_interleave(int(n), dim=0)
+        y0 = self.start_chains(xs, generator=generator)
+        parts = self.run_chains(xs, y0, chunk_seed(generator), callback=callback)
+        return torch.cat([parts[c] for c in sorted(parts)]).reshape(xs.shape[0] // int(n), int(n), *self.shape)
+
+    def _check_sampler(self) -> None:
         if self.prior_score is None or self.sampler is None:
             raise ValueError("sampling needs prior_score and sampler settings; build the Coupling with both "
                              "(experiments.loading.load_coupling does)")
-        if int(n) < 1:
-            raise ValueError(f"n (samples per source) must be >= 1, got {n}")
-        x = self._check_x(x)
-        xs = x.repeat_interleave(int(n), dim=0)
-        y_bp = None
-        if str(self.sampler.get("init")).startswith("bp"):
-            y_bp = self.barycentric(x).repeat_interleave(int(n), dim=0)
-        if self.initial_chains is not None:
-            y0 = self.initial_chains(xs, y_bp, generator)
-        else:
-            y0 = initial_chains(self.sampler, xs, y_bp, generator)
-        y = sample_conditional(self.prior_score, self.potentials, xs, y0, self.sampler, self.batch_size, generator)
-        return y.reshape(x.shape[0], int(n), *self.shape)
 
 
-__all__ = ["Coupling"]
+def chunk_seed(generator: torch.Generator | None = None) -> int:
+    """A seed for :meth:`Coupling.run_chains` read from ``generator``'s state without advancing it (the default
+    generator, advanced, without one)."""
+    if generator is None:
+        return int(torch.randint(0, 2**62, (1,)))
+    peek = torch.Generator().set_state(generator.get_state())
+    return int(torch.randint(0, 2**62, (1,), generator=peek))
+
+
+__all__ = ["Coupling", "chunk_seed"]

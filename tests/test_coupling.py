@@ -173,6 +173,19 @@ def test_load_coupling_samples_the_learned_plan(finished_run):
     assert bw_uvp_samples(joint, sigma) < 0.1 * independent
 
 
+def test_loaded_plan_draws_the_run_samples(finished_run):
+    """One sampling path: the evaluate stage samples through the Coupling a user loads, so the loaded plan given the
+    evaluate stage's generator (seed + 100) draws the run's own samples, bit for bit."""
+    cfg, run_dir, _ = finished_run
+    coupling = load_coupling(run_dir)
+    g = torch.Generator().manual_seed(int(cfg.seed) + 100)
+    x = coupling.source.sample(int(cfg.eval.n_samples), generator=g)
+    y = coupling.sample(x, generator=g)[:, 0]
+    saved = np.load(run_dir / "samples.npz")
+    np.testing.assert_array_equal(x.numpy(), saved["x"])
+    np.testing.assert_array_equal(y.numpy(), saved["y"])
+
+
 def test_load_coupling_errors_name_the_problem(tmp_path, finished_run):
     with pytest.raises(RunDirError, match="config.yaml"):
         load_coupling(tmp_path)

@@ -17,10 +17,11 @@ from PIL import Image
 from torch import nn
 
 from experiments import images
-from experiments.pipeline import ConfigError, initial_chains, run, sampler_prior_score
+from experiments.pipeline import ConfigError, run, sampler_settings
 from scones.data.images import DigitsImages
 from scones.models.score import ScoreModule
 from scones.nets.ncsn import NCSN, NCSNv2
+from scones.sampling.conditional import LearnedPriorScore, initial_chains
 from scones.sampling.schedules import geometric_sigmas
 from tests.fakedata import write_fake_celeba, write_fake_mnist, write_fake_usps
 from tests.helpers import make_cfg
@@ -147,7 +148,7 @@ def test_image_chains_start_at_the_first_level_run(tmp_path):
     assert cfg.sampler.skip_levels == 3 and cfg.sampler.init == "bp_noise"
     x = torch.zeros(4000, 1, 4, 4)
     y_bp = torch.full_like(x, 0.5)
-    y0 = initial_chains(cfg, x, y_bp, torch.Generator().manual_seed(0))
+    y0 = initial_chains(sampler_settings(cfg), x, y_bp, torch.Generator().manual_seed(0))
     noise = (y0 - y_bp).flatten()
     sigma4 = float(geometric_sigmas(1.0, 0.01, 10)[3])
     assert sigma4 == pytest.approx(10 ** (-2 / 3), rel=1e-5)
@@ -160,7 +161,7 @@ def test_sampler_levels_map_to_sigmas_for_noise_agnostic_nets(tmp_path):
     cfg = make_cfg(tmp_path, ["+experiment=celeba32", "score.n_levels=4", "sampler.sigma_max=9", "sampler.n_levels=6"])
     net = NCSNv2(3, ngf=4, sigmas=geometric_sigmas(50.0, 0.01, 4))
     module = ScoreModule(net, net.sigmas)
-    prior = sampler_prior_score(cfg, module)
+    prior = LearnedPriorScore.for_sampler(module, sampler_settings(cfg))
     y = torch.rand(2, 3, 8, 8)
     sampler_sigmas = geometric_sigmas(9.0, 0.01, 6)
     with torch.no_grad():

@@ -27,12 +27,13 @@ from hydra import compose, initialize
 from torch.utils.data import DataLoader
 
 from experiments.callbacks import MetricError, collect_sweep, flatten_metrics, select_metric, write_summary
-from experiments.logging_utils import ProgressLine, ResumableCSVLogger, sampler_steps
+from experiments.logging_utils import ProgressLine, ResumableCSVLogger
 from experiments.run import objective, register_resolvers
 from experiments.stage_runtime import AtomicCheckpointIO
 from experiments.stages import Stage, StageError, resume_point
 from scones.data import StandardGaussian
 from scones.data.streams import SampleStream
+from scones.sampling.conditional import sampler_steps
 from tests.helpers import make_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -177,7 +178,7 @@ def test_progress_line_reports_eta(caplog):
     assert len(err) == 10 and err[0].startswith("dual: 10/100 steps (10%)") and "ETA" in err[0]
     assert err[-1].startswith("dual: 100/100 steps (100%)")
     annealed = {"kind": "annealed", "n_levels": 10, "skip_levels": 2, "n_steps_each": 5, "denoise": True}
-    assert sampler_steps(annealed) == 8 * 5 + 1
+    assert sampler_steps(annealed) == 8 * 5  # the final denoising step is not a Langevin step
     assert sampler_steps({"kind": "ula", "n_steps": 7}) == 7
 
 

@@ -328,4 +328,6 @@ def test_langevin_divergence_names_stage_sampler_and_step(tmp_path):
 
     x = torch.randn(8, 2)
     with pytest.raises(NonFiniteSampleError, match=r"stage 'evaluate' \(sampler\.kind=ula\).*step 150/200"):
-        pipeline.sample_scones(cfg, exploding_prior, Zero(), x, x.clone(), torch.Generator().manual_seed(0))
+        with pipeline.evaluation_coupling(cfg, StandardGaussian(2), StandardGaussian(2), Zero(), exploding_prior,
+                                          None) as coupling:
+            pipeline.sample_sharded(coupling, x, x.clone(), torch.Generator().manual_seed(0))

@@ -19,7 +19,7 @@ from pydantic import model_validator
 from scones.settings import Count, NonNegativeFloat, NonNegativeInt, PositiveFloat, Settings, by_kind, order_error
 
 Init = Literal["source", "bp", "bp_noise", "noise"]
-"""Chain start y₀: x, T(x), T(x) + s·z or s·z (s = σ_max when annealed, ``init_noise`` for ULA)."""
+"""Chain start y₀: x, T(x), T(x) + s·z or s·z (s = σ of the first annealing level run, ``init_noise`` for ULA)."""
 INITS: tuple[str, ...] = get_args(Init)
 
 

@@ -8,25 +8,29 @@ batches with all n² pairs (``pairs="all"``) or the diagonal pairs (``pairs="dia
 
 from __future__ import annotations
 
-import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from scones.models.base import adam, is_log_step, loss_is_usable
+from scones.models.base import StageModule
 from scones.ot.dual import compatibility, violation_matrix
 
 
-class BarycentricModule(pl.LightningModule):
+class BarycentricModule(StageModule):
+    """Trains the map ``net`` (T) against frozen ``potentials``; only T's parameters are optimised."""
+
+    stage = "bp"
+
     def __init__(
         self, net: nn.Module, potentials, lr: float = 1e-4, pairs: str = "all", skip_nonfinite: bool = False
     ):
-        super().__init__()
-        self.net, self.lr, self.pairs, self.skip_nonfinite = net, lr, pairs, skip_nonfinite
+        super().__init__(lr, skip_nonfinite)
+        self.net, self.pairs = net, pairs
         self.potentials = potentials
         if isinstance(potentials, nn.Module):  # frozen; non-module potentials (Online Sinkhorn) have no params
             potentials.requires_grad_(False)
 
-    def loss(self, x, y):
+    def loss(self, batch):
+        x, y = batch
         pot = self.potentials
         tx = self.net(x).reshape(x.shape)
         with torch.no_grad():
@@ -35,17 +39,8 @@ class BarycentricModule(pl.LightningModule):
             else:
                 h = compatibility(pot, x, y)
         if self.pairs == "all":
-            return (h * pot.cost.pairwise(tx, y)).mean()
-        return (h * pot.cost(tx, y)).mean()
+            return (h * pot.cost.pairwise(tx, y)).mean(), {}
+        return (h * pot.cost(tx, y)).mean(), {}
 
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = self.loss(x, y)
-        if not loss_is_usable(self, loss, "bp"):
-            return None
-        if is_log_step(self):
-            self.log("train/loss", loss, prog_bar=True, sync_dist=True)
-        return loss
-
-    def configure_optimizers(self):
-        return adam(self, self.net.parameters(), lr=self.lr)
+    def trained_parameters(self):
+        return self.net.parameters()

@@ -1,4 +1,9 @@
-"""Training helpers shared by the three Lightning modules (dual, score, barycentric projection)."""
+"""The one base of the three training stages (dual, score, barycentric projection): :class:`StageModule`.
+
+A stage module holds only its loss (``loss(batch) -> (loss, extra logs)``); this base owns the optimiser (fused
+Adam), the training step, the non-finite guard (stop, or skip and count with ``<stage>.skip_nonfinite``) and the
+logging of ``train/loss`` and the extra values on Lightning's log steps.
+"""
 
 from __future__ import annotations
 
@@ -72,3 +77,33 @@ def adam(module: pl.LightningModule, params, lr: float, **kwargs) -> torch.optim
         clip = False
     fused = not clip and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
     return torch.optim.Adam(params, lr=lr, fused=True if fused else None, **kwargs)
+
+
+class StageModule(pl.LightningModule):
+    """A training stage: Adam (lr ``lr``, extra ``adam`` options) on :meth:`trained_parameters`, minimising
+    :meth:`loss`. ``stage`` names the stage in errors and in the ``<stage>.skip_nonfinite`` hint."""
+
+    stage = "train"
+
+    def __init__(self, lr: float, skip_nonfinite: bool = False, **adam: float | tuple[float, float]) -> None:
+        super().__init__()
+        self.lr, self.skip_nonfinite, self.adam_options = lr, skip_nonfinite, adam
+
+    def loss(self, batch) -> tuple[Tensor, dict[str, Tensor]]:
+        """The stage's loss on one batch and any further values to log (``{"train/<name>": value}``)."""
+        raise NotImplementedError
+
+    def trained_parameters(self):
+        """What the optimiser updates (default: every parameter of the module)."""
+        return self.parameters()
+
+    def training_step(self, batch, batch_idx):
+        loss, logs = self.loss(batch)
+        if not loss_is_usable(self, loss, self.stage):
+            return None
+        if is_log_step(self):
+            self.log_dict(dict(sorted({"train/loss": loss, **logs}.items())), prog_bar=True, sync_dist=True)
+        return loss
+
+    def configure_optimizers(self):
+        return adam(self, self.trained_parameters(), lr=self.lr, **self.adam_options)

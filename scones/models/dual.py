@@ -3,18 +3,18 @@
 
 from __future__ import annotations
 
-import pytorch_lightning as pl
-
-from scones.models.base import adam, is_log_step, loss_is_usable
+from scones.models.base import StageModule
 from scones.ot.dual import OBJECTIVES, DualPotentials, _kl_lam, dual_objective
 
 
-class DualModule(pl.LightningModule):
+class DualModule(StageModule):
     """Learns (φ, ψ) by maximising the regularised dual J on independent batches ``(x, y)``.
 
     Logs ``train/dual`` (J), ``train/loss`` (−J) and ``train/mean_H`` (E_{p⊗q}[H], → 1 at the optimum; with
     ``objective="logmeanexp"`` it is uncalibrated until :func:`calibrate_mass_` runs after training).
     """
+
+    stage = "dual"
 
     def __init__(
         self,
@@ -26,26 +26,14 @@ class DualModule(pl.LightningModule):
         skip_nonfinite: bool = False,
         objective: str = "dual",
     ) -> None:
-        super().__init__()
+        super().__init__(lr, skip_nonfinite, betas=tuple(betas), weight_decay=weight_decay)
         if objective not in OBJECTIVES:
             raise ValueError(f"dual.objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
         if objective == "logmeanexp":
             _kl_lam(potentials, "dual.objective=logmeanexp")
-        self.potentials = potentials
-        self.lr, self.betas, self.weight_decay = lr, tuple(betas), weight_decay
-        self.pairs, self.skip_nonfinite, self.objective = pairs, skip_nonfinite, objective
+        self.potentials, self.pairs, self.objective = potentials, pairs, objective
 
-    def training_step(self, batch, batch_idx):
+    def loss(self, batch):
         x, y = batch
         j, mean_h = dual_objective(self.potentials, x, y, self.pairs, self.objective)
-        loss = -j
-        if not loss_is_usable(self, loss, "dual"):
-            return None
-        if is_log_step(self):
-            self.log_dict(
-                {"train/dual": j, "train/loss": loss, "train/mean_H": mean_h}, prog_bar=True, sync_dist=True
-            )
-        return loss
-
-    def configure_optimizers(self):
-        return adam(self, self.potentials.parameters(), lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
+        return -j, {"train/dual": j, "train/mean_H": mean_h}

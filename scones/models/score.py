@@ -2,11 +2,10 @@ r"""Denoising score matching (Vincent 2011; NCSN σ-weighting) for a noise-condi
 
 from __future__ import annotations
 
-import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from scones.models.base import adam, is_log_step, loss_is_usable
+from scones.models.base import StageModule
 from scones.nets.ema import EMA
 
 
@@ -53,7 +52,7 @@ def dsm_loss(
     return (0.5 * sq * sig.pow(anneal_power)).mean()
 
 
-class ScoreModule(pl.LightningModule):
+class ScoreModule(StageModule):
     """Trains a noise-conditional score network ``net(y, sigma)`` on target samples by DSM.
 
     Args:
@@ -68,6 +67,8 @@ class ScoreModule(pl.LightningModule):
         callbacks: extra Lightning callbacks this module brings to its trainer (e.g. sample grids).
     """
 
+    stage = "score"
+
     def __init__(
         self,
         net: nn.Module,
@@ -77,25 +78,17 @@ class ScoreModule(pl.LightningModule):
         ema_decay: float | None = None,
         callbacks: list | None = None,
     ) -> None:
-        super().__init__()
-        self.net, self.lr, self.skip_nonfinite = net, lr, skip_nonfinite
+        super().__init__(lr, skip_nonfinite)
+        self.net = net
         self.register_buffer("sigmas", torch.as_tensor(sigmas, dtype=torch.float32))
         # registered on the first optimizer step; empty until then (sampling refuses an empty average)
         self.ema: EMA | None = None if ema_decay is None else EMA(decay=ema_decay)
         self._extra_callbacks = list(callbacks or [])
         self._averaged: list[nn.Module] = []  # cached EMA copy of ``net`` (a list: not a registered submodule)
 
-    def training_step(self, batch, batch_idx):
+    def loss(self, batch):
         y = batch[-1] if isinstance(batch, (tuple, list)) else batch
-        loss = dsm_loss(self.net, y, self.sigmas)
-        if not loss_is_usable(self, loss, "score"):
-            return None
-        if is_log_step(self):
-            self.log("train/loss", loss, prog_bar=True, sync_dist=True)
-        return loss
-
-    def configure_optimizers(self):
-        return adam(self, self.net.parameters(), lr=self.lr)
+        return dsm_loss(self.net, y, self.sigmas), {}
 
     def configure_callbacks(self):
         return self._extra_callbacks

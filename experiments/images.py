@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor
 
-from experiments.stages import atomic_write_bytes
+from experiments.atomic import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

@@ -32,8 +32,9 @@ from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-from experiments.callbacks import flatten_metrics
+from experiments.atomic import atomic_file
 from experiments.distributed import is_rank_zero
+from experiments.sweeps import flatten_metrics
 
 log = logging.getLogger("scones")
 
@@ -170,12 +171,10 @@ class _ResumingWriter(ExperimentWriter):
             reader = csv.DictReader(f)
             keys = list(reader.fieldnames or [])
             rows = [r for r in reader if r.get("step") not in (None, "") and int(float(r["step"])) < self.resume_step]
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        with open(tmp, "w", newline="") as f:
+        with atomic_file(path, "w") as f:
             writer = csv.DictWriter(f, fieldnames=keys)
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(tmp, path)
         self.metrics_keys = keys
 
 

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from threadpoolctl import threadpool_limits
 
 from experiments import images
+from experiments.atomic import atomic_torch_save, atomic_write_bytes, atomic_write_json
 from experiments.distributed import (
     evaluation_device,
     gather_to_rank_zero,
@@ -32,7 +33,7 @@ from experiments.distributed import (
     world_size,
 )
 from experiments.logging_utils import SamplingProgress, Tracker, tracking
-from experiments.stages import Stage, atomic_write_bytes, atomic_write_json, make_stage, run_training_stage
+from experiments.stages import Stage, make_stage, run_training_stage
 from experiments.validation import ConfigError, validate_config
 from scones.coupling import Coupling, chunk_seed
 from scones.data.streams import stream_loader
@@ -127,8 +128,6 @@ def online_sinkhorn_dual(cfg: DictConfig, stage: Stage, source, target, cost, re
             progress=True,
         )
         stage.dir.mkdir(parents=True, exist_ok=True)
-        from experiments.stages import atomic_torch_save
-
         atomic_torch_save(pot.state_dict(), stage.weights_file)
         stage.finish(None, time.perf_counter() - t0, {"steps": int(cfg.dual.steps), "support": len(pot.f)})
     pot.regularizer = regularizer

@@ -83,7 +83,7 @@ def _worst_value() -> float:
 def objective(cfg: DictConfig, metrics: dict) -> float:
     """The number a sweeper optimises: ``optimized_metric`` (dotted key of metrics.json) if set, else SCONES'
     BW-UVP where a closed form exists and its target sliced-W2 otherwise."""
-    from experiments.callbacks import select_metric
+    from experiments.sweeps import select_metric
 
     key = cfg.get("optimized_metric")
     if key:
@@ -97,8 +97,8 @@ def main(cfg: DictConfig) -> float | None:
     os.environ.setdefault("WANDB_SILENT", "true")
     from hydra.types import RunMode
 
-    from experiments.callbacks import ERROR_FILE, MetricError
     from experiments.stages import StageError
+    from experiments.sweeps import ERROR_FILE, MetricError
     from experiments.validation import ConfigError
     from scones.models.base import NonFiniteLossError
     from scones.sampling.langevin import NonFiniteSampleError

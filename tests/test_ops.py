@@ -26,11 +26,11 @@ import torch
 from hydra import compose, initialize
 from torch.utils.data import DataLoader
 
-from experiments.callbacks import MetricError, collect_sweep, flatten_metrics, select_metric, write_summary
 from experiments.logging_utils import ProgressLine, ResumableCSVLogger
 from experiments.run import objective, register_resolvers
 from experiments.stage_runtime import AtomicCheckpointIO
 from experiments.stages import Stage, StageError, resume_point
+from experiments.sweeps import MetricError, collect_sweep, flatten_metrics, select_metric, write_summary
 from scones.data import StandardGaussian
 from scones.data.streams import SampleStream
 from scones.sampling.conditional import sampler_steps

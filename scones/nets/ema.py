@@ -8,8 +8,9 @@ so after k updates with fixed θ, ``shadow = θ + decay^k (shadow_0 − θ)``. B
 schedule) are not averaged.
 
 The class is a plain Python object (a float and a dict of tensors, no closures), so it pickles and works
-under ``ddp_spawn``; save it in a checkpoint with :meth:`EMA.state_dict` (e.g. from a LightningModule's
-``on_save_checkpoint``). Models wrapped in ``DistributedDataParallel``/``DataParallel`` are unwrapped.
+under ``ddp_spawn``; :class:`scones.models.score.ScoreModule` keeps it in its ``state_dict`` (``_extra_state``),
+hence in Lightning checkpoints and the stage's ``final.pt``. Models wrapped in
+``DistributedDataParallel``/``DataParallel`` are unwrapped.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
 from scones.ot.costs import SquaredEuclidean
-from scones.ot.regularizers import KL, REGULARIZERS, ChiSquared, Regularizer
+from scones.ot.regularizers import KL, ChiSquared, Regularizer
 
-__all__ = ["KL", "REGULARIZERS", "ChiSquared", "Regularizer", "SquaredEuclidean"]
+__all__ = ["KL", "ChiSquared", "Regularizer", "SquaredEuclidean"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-import torch
 from torch import Tensor
 
 
@@ -59,9 +58,4 @@ class SquaredEuclidean:
         return f"SquaredEuclidean(reduction={self.reduction!r})"
 
 
-def squared_euclidean(x: Tensor, y: Tensor) -> Tensor:
-    """Functional form of :class:`SquaredEuclidean` with ``reduction='sum'`` (diagonal)."""
-    return SquaredEuclidean("sum")(x, y)
-
-
-__all__ = ["SquaredEuclidean", "squared_euclidean", "torch"]
+__all__ = ["SquaredEuclidean"]

@@ -113,5 +113,3 @@ class ChiSquared(Regularizer):
     def __repr__(self) -> str:
         return f"ChiSquared(lam={self.lam}, beta={self.beta})"
 
-
-REGULARIZERS = {"kl": KL, "chi2": ChiSquared}

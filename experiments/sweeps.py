@@ -1,4 +1,6 @@
-"""Hydra callbacks and metric helpers (pure Python: imported by Hydra at start-up, so nothing heavy here).
+"""The sweep summary (a Hydra callback) and metric helpers.
+
+Pure Python: Hydra imports this module at start-up, so nothing heavy here.
 
 :class:`SweepSummary` (registered in ``configs/hydra/default.yaml``) writes, at the end of every multirun —
 basic sweeper, Optuna, any launcher — a table of all cells into the sweep directory:
@@ -17,12 +19,13 @@ import io
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+
+from experiments.atomic import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +58,6 @@ def select_metric(metrics: dict, key: str) -> float:
     if isinstance(node, bool) or not isinstance(node, (int, float)):
         raise MetricError(f"optimized_metric={key!r} is not a number in metrics.json (got {node!r})")
     return float(node)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _override_pairs(overrides: list[str]) -> dict[str, str]:
@@ -139,7 +136,7 @@ def write_summary(sweep_dir: Path, optimized_metric: str | None = None, stem: st
              *([r.get("error", "")] if has_error else []), *(r["metrics"].get(k, "") for k in metric_keys)]
         )
     csv_path = sweep_dir / f"{stem}.csv"
-    _atomic_write_text(csv_path, buf.getvalue())
+    atomic_write_bytes(csv_path, buf.getvalue().encode())
 
     varying = [k for k in ov_keys if len({r["overrides"].get(k) for r in rows}) > 1] or ov_keys
     headline = [k for k in metric_keys if k.startswith(("methods.scones.", "methods.bp.")) or k == "dual.mean_H"]
@@ -152,7 +149,7 @@ def write_summary(sweep_dir: Path, optimized_metric: str | None = None, stem: st
                  *(r["metrics"].get(k) for k in headline), *([r.get("error", "")] if has_error else [])]
         lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
     title = f"# Sweep {sweep_dir.name}: {sum(r['status'] == 'ok' for r in rows)}/{len(rows)} jobs finished\n\n"
-    _atomic_write_text(sweep_dir / f"{stem}.md", title + "\n".join(lines) + "\n")
+    atomic_write_bytes(sweep_dir / f"{stem}.md", (title + "\n".join(lines) + "\n").encode())
     return csv_path
 
 

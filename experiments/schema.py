@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import re
 import types
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
@@ -25,6 +24,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from experiments.validation import GROUPS, Problem, show
 from scones.ot.costs import Reduction
 from scones.ot.dual import Objective, Pairs
 from scones.sampling.settings import Sampler
@@ -197,7 +197,7 @@ class Paths(Settings):
 
 
 class RunConfig(Settings):
-    """The whole job config (``hydra`` excluded); field order = the order problems are reported in."""
+    """The whole job config (``hydra`` excluded); the groups in the order problems are reported in (``GROUPS``)."""
 
     name: str
     seed: NonNegativeInt
@@ -226,40 +226,9 @@ class RunConfig(Settings):
         return name
 
 
-GROUPS = ("data", "cost", "regularizer", "dual", "score", "bp", "sampler", "eval", "trainer", "logger", "paths")
 
 
 # --------------------------------------------------------------------------------------------- problems
-
-
-@dataclass
-class Problem:
-    """One thing wrong with the config: ``key`` and the complaint; ``value`` when the key holds a bad value."""
-
-    key: str
-    complaint: str
-    value: Any = None
-    has_value: bool = True
-    via: tuple[str, str, str] | None = None  # (user's values, the interpolation, user's keys): see :func:`trace`
-
-    def __str__(self) -> str:
-        if not self.has_value:
-            return self.complaint
-        text = f"{self.key}={show(self.value)}"
-        if not self.via:
-            return f"{text} {self.complaint}"
-        return f"{self.via[0]} makes {text} ({self.key}: {self.via[1]}), which {self.complaint}; change {self.via[2]}"
-
-    @property
-    def order(self) -> int:
-        head = self.key.split(".")[0]
-        return 1 + list(RunConfig.model_fields).index(head) if head in RunConfig.model_fields else 0
-
-
-def show(value: Any) -> str:
-    if OmegaConf.is_config(value):
-        value = OmegaConf.to_container(value, resolve=False)
-    return repr(value) if isinstance(value, str) else str(value)
 
 
 def resolved(cfg: DictConfig) -> tuple[dict, list[Problem]]:
@@ -448,4 +417,4 @@ def check(cfg: DictConfig) -> tuple[RunConfig | None, dict, list[Problem]]:
     return typed, plain, [trace(cfg, p) for p in sorted(problems, key=lambda p: p.order)]
 
 
-__all__ = ["Problem", "RunConfig", "Target", "check", "expected", "problems_of", "resolved", "show"]
+__all__ = ["RunConfig", "Target", "check", "expected", "problems_of", "resolved"]

@@ -30,15 +30,15 @@ import os
 import re
 import typing
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pydantic import ConfigDict, TypeAdapter, ValidationError
 
-from experiments import schema
-from experiments.schema import Problem, RunConfig
+if typing.TYPE_CHECKING:
+    from experiments.schema import RunConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -48,6 +48,39 @@ PATH_KEY = re.compile(r"(^|_)(dir|root|path|file)$")
 
 class ConfigError(ValueError):
     """Invalid configuration; the message (one line) names the offending key and the fix."""
+
+
+GROUPS = ("data", "cost", "regularizer", "dual", "score", "bp", "sampler", "eval", "trainer", "logger", "paths")
+
+
+@dataclass
+class Problem:
+    """One thing wrong with the config: ``key`` and the complaint; ``value`` when the key holds a bad value."""
+
+    key: str
+    complaint: str
+    value: Any = None
+    has_value: bool = True
+    via: tuple[str, str, str] | None = None  # (user's values, the interpolation, user's keys): see :func:`trace`
+
+    def __str__(self) -> str:
+        if not self.has_value:
+            return self.complaint
+        text = f"{self.key}={show(self.value)}"
+        if not self.via:
+            return f"{text} {self.complaint}"
+        return f"{self.via[0]} makes {text} ({self.key}: {self.via[1]}), which {self.complaint}; change {self.via[2]}"
+
+    @property
+    def order(self) -> int:
+        head = self.key.split(".")[0]
+        return 1 + GROUPS.index(head) if head in GROUPS else 0  # top-level keys (name, seed, ...) first
+
+
+def show(value: Any) -> str:
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value, resolve=False)
+    return repr(value) if isinstance(value, str) else str(value)
 
 
 def raise_first(problems: list[Problem]) -> None:
@@ -133,11 +166,12 @@ def locate(path: str) -> Any:
     raise ModuleNotFoundError(f"No module named '{parts[0]}'")
 
 
-_LAX = ConfigDict(arbitrary_types_allowed=True)
-
-
 def _arguments(obj: Any, node: dict, key: str) -> list[Problem]:
     """Arguments in ``node`` that do not have the type ``obj`` annotates (unknown names are left alone)."""
+    from pydantic import ConfigDict, TypeAdapter, ValidationError
+
+    from experiments import schema
+
     try:
         params = inspect.signature(obj).parameters
         hints = typing.get_type_hints(obj.__init__ if inspect.isclass(obj) else obj)
@@ -149,7 +183,7 @@ def _arguments(obj: Any, node: dict, key: str) -> list[Problem]:
         if name not in params or hint is None or hint is Any or (isinstance(value, dict) and "_target_" in value):
             continue
         try:
-            TypeAdapter(hint, config=_LAX).validate_python(value)
+            TypeAdapter(hint, config=ConfigDict(arbitrary_types_allowed=True)).validate_python(value)
         except ValidationError as e:
             wrong_type = any(x["type"] in schema.TYPE_ERRORS for x in e.errors(include_url=False))
             want = schema.expected(hint)
@@ -187,6 +221,8 @@ def validate_config(
     """Check a composed config before anything is built and return it typed; raise :class:`ConfigError` (one
     line: the first problem, the others summarised) otherwise. ``run_dir`` (the Hydra run directory) is confined
     to the allowed roots too."""
+    from experiments import schema  # pydantic and the library's vocabularies: not needed by ``--cfg job``
+
     run, plain, problems = schema.check(cfg)
     problems += _data_shapes(plain)
     if run is not None:

@@ -42,9 +42,9 @@ from scones.models.dual import DualModule
 from scones.models.score import ScoreModule
 from scones.ot.dual import DualPotentials, violation
 from scones.sampling import conditional
-from scones.sampling.conditional import sampler_steps
 from scones.sampling.langevin import NonFiniteSampleError
 from scones.sampling.schedules import geometric_sigmas
+from scones.sampling.settings import SamplerSettings, validate_sampler
 
 log = logging.getLogger(__name__)
 
@@ -209,9 +209,9 @@ def check_score_schedule(cfg: DictConfig, net, sigmas: torch.Tensor) -> None:
             f"give {sigmas.numel()} levels {float(sigmas[0]):.4g} … {float(sigmas[-1]):.4g}; build the net from the "
             "same keys (score.net.sigmas: geometric_sigmas(${score.sigma_max}, ${score.sigma_min}, ${score.n_levels}))"
         )
-    if getattr(net, "level_conditional", False) and cfg.sampler.kind == "annealed":
-        s = cfg.sampler
-        used = geometric_sigmas(s.sigma_max, s.sigma_min, s.n_levels)[int(s.get("skip_levels", 0)) :]
+    levels = sampler_settings(cfg).levels_run()  # None: the sampler passes no level (ULA)
+    if getattr(net, "level_conditional", False) and levels is not None:
+        used = torch.tensor(levels)
         gap = (used.log()[:, None] - sigmas.log()[None]).abs().min(dim=1).values
         if bool((gap > 1e-4).any()):
             raise ConfigError(
@@ -221,9 +221,9 @@ def check_score_schedule(cfg: DictConfig, net, sigmas: torch.Tensor) -> None:
             )
 
 
-def sampler_settings(cfg: DictConfig) -> dict:
-    """The ``sampler`` node as the plain mapping :mod:`scones.sampling.conditional` reads."""
-    return OmegaConf.to_container(cfg.sampler, resolve=True)
+def sampler_settings(cfg: DictConfig) -> SamplerSettings:
+    """The ``sampler`` node as the typed settings the samplers take (:mod:`scones.sampling.settings`)."""
+    return validate_sampler(OmegaConf.to_container(cfg.sampler, resolve=True))
 
 
 def bp_stage(cfg: DictConfig, source, target, potentials, dual: Stage) -> tuple[Any, Stage]:
@@ -284,7 +284,7 @@ def sample_sharded(coupling: Coupling, x: torch.Tensor, y0: torch.Tensor, g: tor
     rank, world = (global_rank(), world_size()) if is_distributed() else (0, 1)
     mine = [c for c in range(coupling.n_chunks(x.shape[0])) if c % world == rank]
     desc = "sampling" if world == 1 else f"sampling (rank 0 of {world})"
-    progress = SamplingProgress(sampler_steps(coupling.sampler) * len(mine), desc, None if rank == 0 else False)
+    progress = SamplingProgress(coupling.sampler.steps_per_chain * len(mine), desc, None if rank == 0 else False)
     out: dict[int, torch.Tensor] = {}
     error: Exception | None = None
     try:
@@ -332,7 +332,7 @@ def evaluate(cfg: DictConfig, run_dir: Path, source, target, cost, regularizer, 
 
     def scones_sampler(xr: torch.Tensor) -> torch.Tensor:  # fresh SCONES samples for other sources (this process)
         with evaluation_coupling(*plan) as coupling:
-            progress = SamplingProgress(sampler_steps(coupling.sampler) * coupling.n_chunks(len(xr)), "sampling")
+            progress = SamplingProgress(coupling.sampler.steps_per_chain * coupling.n_chunks(len(xr)), "sampling")
             return coupling.sample(xr, generator=g, callback=progress).reshape(xr.shape).cpu()
 
     bench = getattr(target, "benchmark", None)

@@ -34,6 +34,7 @@ from scones.data.streams import mix_seed
 from scones.ot.dual import violation, violation_matrix
 from scones.sampling.conditional import initial_chains, sample_conditional
 from scones.sampling.langevin import Callback
+from scones.sampling.settings import SamplerSettings, validate_sampler
 
 PriorScore = Callable[[Tensor, int], Tensor]
 
@@ -49,8 +50,8 @@ class Coupling:
             learned noise-conditional model); needed only by :meth:`sample`.
         barycentric_map: network T with ``T(x) ≈ E_π[y | x]`` (the BP stage); needed by :meth:`barycentric`
             and by samplers initialised with ``init: bp`` / ``bp_noise``.
-        sampler: the ``sampler`` config node as a mapping (``kind``, ``init``, step sizes; see
-            :mod:`scones.sampling.conditional`, which holds every rule that turns it into chains).
+        sampler: the sampler's settings (:class:`scones.sampling.settings.ULA` or ``Annealed``, which hold every
+            rule that turns them into chains), or a mapping with the same keys (e.g. the ``sampler`` config node).
         batch_size: chains (and network inputs) processed together; one chunk of chains (own noise seed).
         device: where tensors are evaluated; inputs are moved there.
         n_normalizer: source and target samples used for the Monte-Carlo normaliser Z = E_{p⊗q}[H]
@@ -66,7 +67,7 @@ class Coupling:
         target,
         prior_score: PriorScore | None = None,
         barycentric_map: Callable[[Tensor], Tensor] | None = None,
-        sampler: Mapping | None = None,
+        sampler: SamplerSettings | Mapping | None = None,
         batch_size: int = 1000,
         device: str | torch.device = "cpu",
         n_normalizer: int = 2000,
@@ -75,7 +76,7 @@ class Coupling:
     ) -> None:
         self.potentials, self.source, self.target = potentials, source, target
         self.prior_score, self.barycentric_map = prior_score, barycentric_map
-        self.sampler = dict(sampler) if sampler is not None else None
+        self.sampler = validate_sampler(sampler) if sampler is not None else None
         if int(batch_size) < 1:
             raise ValueError(f"batch_size (eval.batch_size) must be >= 1, got {batch_size}")
         self.batch_size, self.device, self.n_normalizer = int(batch_size), torch.device(device), int(n_normalizer)
@@ -115,7 +116,7 @@ class Coupling:
             "cost": repr(self.cost),
             "regularizer": self.regularizer.name,
             "lam": self.lam,
-            "sampler": self.sampler,
+            "sampler": None if self.sampler is None else self.sampler.model_dump(),
         }
 
     def __repr__(self) -> str:
@@ -211,12 +212,12 @@ class Coupling:
         return torch.cat(out)
 
     def start_chains(self, x, y_bp: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
-        """Chain starts y₀ per ``sampler["init"]`` (:func:`scones.sampling.conditional.initial_chains`: source,
+        """Chain starts y₀ per ``sampler.init`` (:func:`scones.sampling.conditional.initial_chains`: source,
         T(x), T(x) + s·z or s·z with s the σ of the first annealing level run), one per row of ``x``, on
         :attr:`device`. ``y_bp`` = T(x) when already computed; else the BP network is run if the init needs it."""
         self._check_sampler()
         x = self._check_x(x)
-        if y_bp is None and str(self.sampler.get("init")).startswith("bp"):
+        if y_bp is None and self.sampler.init.startswith("bp"):
             y_bp = self.barycentric(x)
         return initial_chains(self.sampler, x, None if y_bp is None else self._tensor(y_bp), generator)
 

@@ -146,7 +146,7 @@ def finished_run(tmp_path_factory):
 def test_load_coupling_reloads_the_trained_networks(finished_run):
     cfg, run_dir, metrics = finished_run
     coupling = load_coupling(run_dir)
-    assert coupling.lam == 2 * 2 and coupling.cost.reduction == "sum" and coupling.sampler["kind"] == "ula"
+    assert coupling.lam == 2 * 2 and coupling.cost.reduction == "sum" and coupling.sampler.kind == "ula"
     saved = np.load(run_dir / "samples.npz")
     # BP network: same outputs as the run's own evaluate stage
     np.testing.assert_allclose(coupling.barycentric(saved["x"]).numpy(), saved["y_bp"], rtol=1e-5, atol=1e-5)

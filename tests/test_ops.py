@@ -33,7 +33,7 @@ from experiments.stages import Stage, StageError, resume_point
 from experiments.sweeps import MetricError, collect_sweep, flatten_metrics, select_metric, write_summary
 from scones.data import StandardGaussian
 from scones.data.streams import SampleStream
-from scones.sampling.conditional import sampler_steps
+from scones.sampling.settings import ULA, Annealed
 from tests.helpers import make_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -177,9 +177,10 @@ def test_progress_line_reports_eta(caplog):
     err = [m for m in caplog.messages if m.startswith("dual:")]
     assert len(err) == 10 and err[0].startswith("dual: 10/100 steps (10%)") and "ETA" in err[0]
     assert err[-1].startswith("dual: 100/100 steps (100%)")
-    annealed = {"kind": "annealed", "n_levels": 10, "skip_levels": 2, "n_steps_each": 5, "denoise": True}
-    assert sampler_steps(annealed) == 8 * 5  # the final denoising step is not a Langevin step
-    assert sampler_steps({"kind": "ula", "n_steps": 7}) == 7
+    annealed = Annealed(init="source", sigma_max=1.0, sigma_min=0.1, n_levels=10, skip_levels=2, n_steps_each=5,
+                        step_lr=1e-5, denoise=True)
+    assert annealed.steps_per_chain == 8 * 5  # the final denoising step is not a Langevin step
+    assert ULA(init="bp", step_size=0.1, n_steps=7).steps_per_chain == 7
 
 
 # --------------------------------------------------------------------------------------------- sweeps

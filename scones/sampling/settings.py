@@ -1,25 +1,31 @@
-"""Settings of the conditional Langevin samplers (the ``sampler`` config group is validated against these).
+"""Settings of the conditional Langevin samplers: the typed object the samplers take (the ``sampler`` config
+group is validated against these, so the config and the code share one declaration).
 
 - :class:`ULA` (``kind: ula``): y ← y + h·∇log π(y|x) + √(2h)·z with an exact (non-annealed) prior score;
 - :class:`Annealed` (``kind: annealed``): annealed Langevin over the geometric schedule σ_max → σ_min
   (``n_levels``), step α_i = ``step_lr``·σ_i²/σ_L², ``n_steps_each`` steps per level, the first ``skip_levels``
   levels skipped, a final denoising step when ``denoise``.
 
-Both start their chains per ``init`` (:data:`Init`) and scale the compatibility term by ``guidance`` (1 = SCONES).
-A new sampler is a new model here, an entry in :data:`SAMPLERS` and its branch in
-:mod:`scones.sampling.conditional`.
+Both start their chains per ``init`` (:data:`Init`) with noise scale :attr:`SamplerSettings.start_noise` and
+scale the compatibility term by ``guidance`` (1 = SCONES). A new sampler is one model here (its settings and
+its :meth:`~SamplerSettings.run`) and its entry in :data:`SAMPLERS`.
 """
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from collections.abc import Mapping
+from typing import Any, Literal, get_args
 
-from pydantic import model_validator
+import torch
+from pydantic import TypeAdapter, model_validator
+from torch import Tensor
 
+from scones.sampling.langevin import Callback, ScoreFn, annealed_langevin, ula
+from scones.sampling.schedules import geometric_sigmas
 from scones.settings import Count, NonNegativeFloat, NonNegativeInt, PositiveFloat, Settings, by_kind, order_error
 
 Init = Literal["source", "bp", "bp_noise", "noise"]
-"""Chain start y₀: x, T(x), T(x) + s·z or s·z (s = σ of the first annealing level run, ``init_noise`` for ULA)."""
+"""Chain start y₀: x, T(x), T(x) + s·z or s·z with s = :attr:`SamplerSettings.start_noise`."""
 INITS: tuple[str, ...] = get_args(Init)
 
 
@@ -30,12 +36,49 @@ class SamplerSettings(Settings):
     init: Init
     guidance: NonNegativeFloat = 1.0
 
+    @property
+    def start_noise(self) -> float:
+        """Scale s of the noise in the ``bp_noise`` / ``noise`` chain starts."""
+        raise NotImplementedError
+
+    @property
+    def steps_per_chain(self) -> int:
+        """Langevin steps per chain, each one score evaluation (the annealed final denoising step not counted)."""
+        raise NotImplementedError
+
+    def noise_levels(self) -> list[float] | None:
+        """σ of each level index the sampler passes to the prior score, or None when it passes no level (ULA)."""
+        return None
+
+    def levels_run(self) -> list[float] | None:
+        """σ of the levels the chains actually visit (after skipped ones), or None (ULA)."""
+        return None
+
+    def run(
+        self, score: ScoreFn, y: Tensor, generator: torch.Generator | None = None, callback: Callback | None = None
+    ) -> Tensor:
+        """The chains ``y`` after the sampler's steps on ``score(y, level)``; ``callback`` sees every step."""
+        raise NotImplementedError
+
 
 class ULA(SamplerSettings):
     kind: Literal["ula"] = "ula"
     step_size: PositiveFloat
     n_steps: Count
     init_noise: NonNegativeFloat = 1.0
+
+    @property
+    def start_noise(self) -> float:
+        return self.init_noise
+
+    @property
+    def steps_per_chain(self) -> int:
+        return self.n_steps
+
+    def run(
+        self, score: ScoreFn, y: Tensor, generator: torch.Generator | None = None, callback: Callback | None = None
+    ) -> Tensor:
+        return ula(score, y, self.step_size, self.n_steps, callback=callback, generator=generator)
 
 
 class Annealed(SamplerSettings):
@@ -46,7 +89,7 @@ class Annealed(SamplerSettings):
     step_lr: PositiveFloat
     n_steps_each: Count
     skip_levels: NonNegativeInt = 0
-    denoise: bool
+    denoise: bool = True
 
     @model_validator(mode="after")
     def _schedule(self) -> Annealed:
@@ -56,10 +99,48 @@ class Annealed(SamplerSettings):
             raise order_error("skip_levels", self.skip_levels, "<", "n_levels", self.n_levels)
         return self
 
+    def sigmas(self) -> Tensor:
+        """The whole schedule σ_1 = sigma_max > … > σ_L = sigma_min, shape ``(n_levels,)``."""
+        return geometric_sigmas(self.sigma_max, self.sigma_min, self.n_levels)
+
+    @property
+    def start_noise(self) -> float:
+        """σ of the first level actually run: with ``skip_levels`` = k the chains start at T(x) + σ_{k+1}·z
+        (spec §3b; USPS→MNIST: σ_4 ≈ 0.215), not at ``sigma_max``."""
+        return float(self.sigmas()[self.skip_levels]) if self.skip_levels else self.sigma_max
+
+    @property
+    def steps_per_chain(self) -> int:
+        return (self.n_levels - self.skip_levels) * self.n_steps_each
+
+    def noise_levels(self) -> list[float]:
+        return [float(s) for s in self.sigmas()]
+
+    def levels_run(self) -> list[float]:
+        return self.noise_levels()[self.skip_levels :]
+
+    def run(
+        self, score: ScoreFn, y: Tensor, generator: torch.Generator | None = None, callback: Callback | None = None
+    ) -> Tensor:
+        return annealed_langevin(score, y, self.sigmas(), self.step_lr, self.n_steps_each, denoise=self.denoise,
+                                 skip_levels=self.skip_levels, callback=callback, generator=generator)  # fmt: skip
+
 
 SAMPLERS: dict[str, type[SamplerSettings]] = {"ula": ULA, "annealed": Annealed}
 SAMPLER_KINDS: tuple[str, ...] = tuple(SAMPLERS)
 Sampler = by_kind(SAMPLERS)
-"""A sampler's settings, chosen by ``kind`` (validate a mapping with ``pydantic.TypeAdapter(Sampler)``)."""
+"""A sampler's settings, chosen by ``kind``."""
+_SAMPLER = TypeAdapter(Sampler)
 
-__all__ = ["INITS", "SAMPLERS", "SAMPLER_KINDS", "Annealed", "Init", "Sampler", "SamplerSettings", "ULA"]
+
+def validate_sampler(sampler: SamplerSettings | Mapping[str, Any]) -> SamplerSettings:
+    """``sampler`` as typed settings: settings are returned as they are, a mapping (e.g. the ``sampler`` config
+    node) is validated (:class:`pydantic.ValidationError`, a ``ValueError``, when it does not fit)."""
+    if isinstance(sampler, SamplerSettings):
+        return sampler
+    return _SAMPLER.validate_python({str(k): v for k, v in sampler.items()})
+
+
+__all__ = [
+    "INITS", "SAMPLERS", "SAMPLER_KINDS", "Annealed", "Init", "Sampler", "SamplerSettings", "ULA", "validate_sampler",
+]  # fmt: skip

@@ -33,6 +33,7 @@ from experiments.distributed import (
     world_size,
 )
 from experiments.logging_utils import SamplingProgress, Tracker, tracking
+from experiments.schema import RunConfig
 from experiments.stages import Stage, make_stage, run_training_stage
 from experiments.validation import ConfigError, validate_config
 from scones.coupling import Coupling, chunk_seed
@@ -174,32 +175,35 @@ def calibrate_dual(cfg: DictConfig, pot, source, target) -> None:
     log.info("dual: calibrated E[H] = 1 on %d x %d pairs (phi shifted by %.4g)", n, n, -k)
 
 
-def score_stage(cfg: DictConfig, target) -> tuple[Any, Stage | None]:
-    """Returns ``prior_score(y, level)`` and the stage (None when the target's exact score is used)."""
-    kind = cfg.score.kind
+def score_stage(cfg: DictConfig, target, settings: RunConfig) -> tuple[Any, Stage | None]:
+    """Returns ``prior_score(y, level)`` and the stage (None when the target's exact score is used).
+
+    ``settings`` are the run's typed settings (``settings.score``, ``settings.sampler``); ``cfg`` gives the score
+    net's ``_target_`` node and the config sections the stage's cache key hashes."""
+    sc = settings.score
     has_exact = getattr(target, "has_score", False)
-    if kind == "exact" or (kind == "auto" and has_exact):
+    if sc.kind == "exact" or (sc.kind == "auto" and has_exact):
         if not has_exact:
             raise ConfigError(
                 f"score.kind=exact but data.target ({type(target).__name__}) has no score(y); use score=mlp"
             )
         return conditional.ExactPriorScore(target), None
     stage = make_stage(cfg, "score", cfg.score, cfg.data.target, cfg.seed)
-    sigmas = geometric_sigmas(cfg.score.sigma_max, cfg.score.sigma_min, cfg.score.n_levels)
-    pl.seed_everything(_seed(cfg, 10), workers=True, verbose=False)
+    sigmas = geometric_sigmas(sc.sigma_max, sc.sigma_min, sc.n_levels)
+    pl.seed_everything(settings.seed + 10, workers=True, verbose=False)
     net = instantiate_node(cfg, "score.net", dim=data_dim(target))
-    check_score_schedule(cfg, net, sigmas)
+    check_score_schedule(settings.sampler, net, sigmas)
     module = ScoreModule(
-        net, sigmas, lr=cfg.score.lr, skip_nonfinite=cfg.score.get("skip_nonfinite", False),
-        ema_decay=cfg.score.get("ema_decay"), callbacks=images.score_callbacks(cfg, stage.dir, target),
+        net, sigmas, lr=sc.lr, skip_nonfinite=sc.skip_nonfinite, ema_decay=sc.ema_decay,
+        callbacks=images.score_callbacks(cfg, stage.dir, target),
     )
-    loader = stream_loader([target], cfg.score.batch_size, _seed(cfg, 11), cfg.get("num_workers", 0))
-    run_training_stage(cfg, stage, module, loader, int(cfg.score.steps), module)
+    loader = stream_loader([target], sc.batch_size, settings.seed + 11, settings.num_workers)
+    run_training_stage(cfg, stage, module, loader, sc.steps, module)
     module.eval()
-    return conditional.LearnedPriorScore.for_sampler(module, sampler_settings(cfg)), stage
+    return conditional.LearnedPriorScore.for_sampler(module, settings.sampler), stage
 
 
-def check_score_schedule(cfg: DictConfig, net, sigmas: torch.Tensor) -> None:
+def check_score_schedule(sampler: SamplerSettings, net, sigmas: torch.Tensor) -> None:
     """A score net that stores its schedule (NCSN, NCSNv2) must store the score.sigma_* one; a level-conditional
     net (NCSN v1) can only be sampled at those levels, so the annealed sampler must use a subset of them."""
     own = getattr(net, "sigmas", None)
@@ -209,7 +213,7 @@ def check_score_schedule(cfg: DictConfig, net, sigmas: torch.Tensor) -> None:
             f"give {sigmas.numel()} levels {float(sigmas[0]):.4g} … {float(sigmas[-1]):.4g}; build the net from the "
             "same keys (score.net.sigmas: geometric_sigmas(${score.sigma_max}, ${score.sigma_min}, ${score.n_levels}))"
         )
-    levels = sampler_settings(cfg).levels_run()  # None: the sampler passes no level (ULA)
+    levels = sampler.levels_run()  # None: the sampler passes no level (ULA)
     if getattr(net, "level_conditional", False) and levels is not None:
         used = torch.tensor(levels)
         gap = (used.log()[:, None] - sigmas.log()[None]).abs().min(dim=1).values
@@ -226,16 +230,16 @@ def sampler_settings(cfg: DictConfig) -> SamplerSettings:
     return validate_sampler(OmegaConf.to_container(cfg.sampler, resolve=True))
 
 
-def bp_stage(cfg: DictConfig, source, target, potentials, dual: Stage) -> tuple[Any, Stage]:
+def bp_stage(cfg: DictConfig, source, target, potentials, dual: Stage, settings: RunConfig) -> tuple[Any, Stage]:
+    """The barycentric projection T(x) ≈ E_π[y | x] trained with frozen potentials (``settings.bp``)."""
+    bp = settings.bp
     stage = make_stage(cfg, "bp", cfg.bp, dual.key, cfg.seed)
     dim = data_dim(source)
-    pl.seed_everything(_seed(cfg, 20), workers=True, verbose=False)
+    pl.seed_everything(settings.seed + 20, workers=True, verbose=False)
     net = instantiate_node(cfg, "bp.net", in_dim=dim, out_dim=dim)
-    module = BarycentricModule(
-        net, potentials, lr=cfg.bp.lr, pairs=cfg.bp.pairs, skip_nonfinite=cfg.bp.get("skip_nonfinite", False)
-    )
-    loader = stream_loader([source, target], cfg.bp.batch_size, _seed(cfg, 21), cfg.get("num_workers", 0))
-    run_training_stage(cfg, stage, module, loader, int(cfg.bp.steps), net)
+    module = BarycentricModule(net, potentials, lr=bp.lr, pairs=bp.pairs, skip_nonfinite=bp.skip_nonfinite)
+    loader = stream_loader([source, target], bp.batch_size, settings.seed + 21, settings.num_workers)
+    run_training_stage(cfg, stage, module, loader, bp.steps, net)
     net.eval()
     return net, stage
 
@@ -379,7 +383,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
     With ``logger.wandb`` set, one W&B run (rank 0) receives the stage losses, the metrics, the plots and the
     artifacts (:class:`experiments.logging_utils.Tracker`); it is finished even when a stage fails.
     """
-    validate_config(cfg, run_dir)  # one-line ConfigError before any data, device or directory is touched
+    settings = validate_config(cfg, run_dir)  # one-line ConfigError before any data, device or directory is touched
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(int(cfg.get("num_threads") or torch.get_num_threads()))
@@ -392,8 +396,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
     try:
         with tracking(tracker):
             potentials, dual = dual_stage(cfg, source, target, cost, regularizer)
-            prior_score, score = score_stage(cfg, target)
-            bp_net, bp = bp_stage(cfg, source, target, potentials, dual)
+            prior_score, score = score_stage(cfg, target, settings)
+            bp_net, bp = bp_stage(cfg, source, target, potentials, dual, settings)
         stages = {"dual": dual, "score": score, "bp": bp}
         if not is_distributed() and not is_rank_zero():
             exit_code = 0  # a launcher rank > 0 whose stages were all cached: rank 0 evaluates alone

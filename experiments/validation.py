@@ -215,6 +215,16 @@ def _targets(node: Any, prefix: str) -> Iterator[Problem]:
         yield from _targets(child, f"{prefix}.{k}" if prefix else str(k))
 
 
+def read_settings(cfg: DictConfig) -> RunConfig:
+    """The typed settings of a composed config, checked against the schema only (:func:`validate_config` also
+    checks the ``_target_`` imports, the paths and the devices); :class:`ConfigError` (one line) otherwise."""
+    from experiments import schema
+
+    run, _, problems = schema.check(cfg)
+    raise_first(problems)
+    return run
+
+
 def validate_config(
     cfg: DictConfig, run_dir: str | os.PathLike | None = None, check_paths: bool = True
 ) -> RunConfig:

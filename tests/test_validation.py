@@ -19,7 +19,14 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from experiments import pipeline
 from experiments.run import register_resolvers
-from experiments.validation import CONFIG_DIR, ConfigError, check_group_choices, preflight, validate_config
+from experiments.validation import (
+    CONFIG_DIR,
+    ConfigError,
+    check_group_choices,
+    preflight,
+    read_settings,
+    validate_config,
+)
 from scones.data import StandardGaussian
 from scones.models.base import NonFiniteLossError
 from scones.ot import KL, SquaredEuclidean
@@ -302,9 +309,9 @@ def test_score_stage_nan_stop_or_skip(tmp_path, skip):
     target = NaNWindow(start=2, stop=4)
     if not skip:
         with pytest.raises(NonFiniteLossError, match=r"stage 'score': loss is nan at step 2\b"):
-            pipeline.score_stage(cfg, target)
+            pipeline.score_stage(cfg, target, read_settings(cfg))
         return
-    prior, stage = pipeline.score_stage(cfg, target)
+    prior, stage = pipeline.score_stage(cfg, target, read_settings(cfg))
     assert stage.done_file.exists() and _skipped_steps(stage.dir)[0] == 2
     assert torch.isfinite(prior(torch.randn(5, 2), 0)).all()
 

@@ -84,8 +84,17 @@ def show(value: Any) -> str:
 
 
 def raise_first(problems: list[Problem]) -> None:
-    if problems:
-        lines = list(dict.fromkeys(" ".join(str(p).split()) for p in problems))  # each line once
+    """Raise the first problem as a one-line :class:`ConfigError`, the others summarised; a value the user set
+    that breaks several keys through interpolations is reported once."""
+    seen: set = set()
+    unique = []
+    for p in problems:
+        cause = (p.via[2], p.complaint) if p.via else str(p)
+        if cause not in seen:
+            seen.add(cause)
+            unique.append(p)
+    if unique:
+        lines = [" ".join(str(p).split()) for p in unique]
         more = f" (and {len(lines) - 1} more: {'; '.join(lines[1:])})" if len(lines) > 1 else ""
         raise ConfigError(lines[0] + more)
 

@@ -69,16 +69,28 @@ class Potential(MLP):
 class NoiseConditionalScoreMLP(nn.Module):
     """Noise-conditional score s(y, σ) ≈ ∇_y log q_σ(y) for low-dimensional targets.
 
-    s(y, σ) = net([y, log σ features]) / σ, i.e. the network predicts −z for y = y₀ + σz (noise-level-agnostic
-    output scaling as in NCSNv2; the σ embedding lets one net cover all levels).
+    s(y, σ) = net([y, Fourier features of y, log σ features]) / σ, i.e. the network predicts −z for y = y₀ + σz
+    (noise-level-agnostic output scaling as in NCSNv2; the σ embedding lets one net cover all levels).
+
+    ``fourier_features = m > 0`` adds random Fourier features sin(Bᵀy), cos(Bᵀy) with a fixed B ``(dim, m)`` of
+    N(0, ``fourier_scale``²) entries (Tancik et al. 2020; seeded by ``fourier_seed``, stored as a buffer): an MLP on
+    raw coordinates fits thin, curved supports (the Swiss roll) slowly, the features give it the curve's
+    frequencies (``fourier_scale`` ≈ 1 / the length scale of the support's bends). 0 = off.
     """
 
     def __init__(
-        self, dim: int, hidden: Sequence[int] = (256, 256, 256), activation: str = "silu", n_freq: int = 8
+        self, dim: int, hidden: Sequence[int] = (256, 256, 256), activation: str = "silu", n_freq: int = 8,
+        fourier_features: int = 0, fourier_scale: float = 1.0, fourier_seed: int = 0,
     ) -> None:
         super().__init__()
+        if fourier_features < 0 or not fourier_scale > 0:
+            raise ValueError(f"fourier_features must be >= 0 and fourier_scale > 0, got {fourier_features}, "
+                             f"{fourier_scale}")
         self.dim, self.n_freq = dim, n_freq
-        self.net = MLP(dim + 2 * n_freq, dim, hidden, activation)
+        g = torch.Generator().manual_seed(int(fourier_seed))
+        b = float(fourier_scale) * torch.randn(dim, int(fourier_features), generator=g) if fourier_features else None
+        self.register_buffer("fourier", b)  # None when off: state dicts of nets without features are unchanged
+        self.net = MLP(dim + 2 * int(fourier_features) + 2 * n_freq, dim, hidden, activation)
 
     def _embed(self, sigma: Tensor) -> Tensor:
         freqs = torch.arange(1, self.n_freq + 1, device=sigma.device, dtype=sigma.dtype) * (math.pi / 4)
@@ -87,5 +99,9 @@ class NoiseConditionalScoreMLP(nn.Module):
 
     def forward(self, y: Tensor, sigma: Tensor) -> Tensor:
         sigma = sigma.reshape(-1).to(y).expand(y.shape[0])
-        h = torch.cat([y, self._embed(sigma)], dim=1)
+        parts = [y]
+        if self.fourier is not None:
+            proj = y @ self.fourier.to(y)
+            parts += [torch.sin(proj), torch.cos(proj)]
+        h = torch.cat(parts + [self._embed(sigma)], dim=1)
         return self.net(h) / sigma[:, None]

@@ -14,11 +14,14 @@ Images are float tensors ``(n, C, H, W)`` in [0, 1]; a pair is an *image pair* w
     ``eval.fid.feature_extractor`` (a ``_target_`` node) swaps in any feature network (tests: a tiny one);
   - label consistency (:mod:`scones.metrics.classifier`) when source and target carry digit labels: a small
     CNN is trained on the target image set (``eval.label_consistency``) and the share of each method's samples
-    classified as their source's digit is reported.
+    classified as their source's digit is reported;
+  - feature FID / KID (:mod:`scones.metrics.feature_distance`, ``eval.feature_fid``) in that CNN's penultimate
+    feature space, of every method's samples and the sources against the CNN's held-out target images, with the
+    target-vs-target floor (two disjoint held-out halves); written into the grid's caption.
 
-Config keys ``eval.grid``, ``eval.fid``, ``eval.label_consistency``, ``eval.score_grid``, defaults in
-``configs/eval/default.yaml`` (``fid.n_real: null`` = ``eval.n_samples``; ``fid.device: null`` = CUDA when
-available, else CPU; ``label_consistency.max_train`` caps the classifier's training images;
+Config keys ``eval.grid``, ``eval.fid``, ``eval.label_consistency``, ``eval.feature_fid``, ``eval.score_grid``,
+defaults in ``configs/eval/default.yaml`` (``fid.n_real: null`` = ``eval.n_samples``; ``fid.device: null`` = CUDA
+when available, else CPU; ``label_consistency.max_train`` caps the classifier's training images;
 ``score_grid.every_n_steps: 0`` = only at the end of training.)
 """
 
@@ -27,6 +30,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import textwrap
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -71,14 +75,42 @@ def grid_png(images: Tensor, nrow: int, min_cell: int = 48) -> bytes:
     return buf.getvalue()
 
 
-def save_comparison_grid(path: Path, x: Tensor, y: Tensor, y_bp: Tensor) -> None:
-    """Rows = sources; columns ``x_i | y_i1 … y_ik | T(x_i)``.
+def captioned_png(png: bytes, caption: str) -> bytes:
+    """``png`` with ``caption`` (one or more lines) written above it (matplotlib, pixel size kept)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(png)).convert("RGB")
+    w, h = img.size
+    dpi, font = 100, 9
+    width = max(w, 620)
+    chars = int(width / (0.61 * font * dpi / 72))  # monospace glyph width ≈ 0.6 em
+    caption = "\n".join(textwrap.fill(line, chars, subsequent_indent="  ") for line in caption.split("\n"))
+    n_lines = caption.count("\n") + 1
+    head = int(n_lines * font * 1.3 * dpi / 72) + 10  # text rows in pixels
+    fig = plt.figure(figsize=(width / dpi, (h + head) / dpi), dpi=dpi)
+    ax = fig.add_axes((0, 0, w / width, h / (h + head)))
+    ax.imshow(img, interpolation="nearest")
+    ax.axis("off")
+    fig.text(0.005, 1 - 4 / (h + head), caption, ha="left", va="top", fontsize=font, family="monospace")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def save_comparison_grid(path: Path, x: Tensor, y: Tensor, y_bp: Tensor, caption: str | None = None) -> None:
+    """Rows = sources; columns ``x_i | y_i1 … y_ik | T(x_i)``; ``caption`` (e.g. the metrics) written on top.
 
     ``x``, ``y_bp``: ``(r, C, H, W)``; ``y``: ``(r, k, C, H, W)``.
     """
     r, k = y.shape[:2]
     rows = torch.cat([x[:, None], y, y_bp[:, None]], dim=1)  # (r, k + 2, C, H, W)
-    atomic_write_bytes(path, grid_png(rows.reshape(r * (k + 2), *x.shape[1:]), nrow=k + 2))
+    png = grid_png(rows.reshape(r * (k + 2), *x.shape[1:]), nrow=k + 2)
+    atomic_write_bytes(path, captioned_png(png, caption) if caption else png)
 
 
 class ScoreSampleGrid(pl.Callback):
@@ -207,20 +239,17 @@ def fid_scores(cfg: DictConfig, target, ys: Mapping[str, Tensor], x: Tensor, g: 
     return out
 
 
-def label_consistency_scores(
-    cfg: DictConfig, target, x: Tensor, x_labels: Tensor | None, ys: Mapping[str, Tensor]
-) -> dict | None:
-    """Share of each method's samples classified as the source's digit, or None without labels.
+def train_label_classifier(cfg: DictConfig, target) -> dict | None:
+    """The digit CNN of the label-consistency and feature-FID metrics, trained on ``1 − holdout`` of the target
+    image set (seeded), or None when the target has no labels or ``eval.label_consistency.enabled`` is false.
 
-    A :class:`~scones.metrics.classifier.DigitClassifier` is trained on ``1 − holdout`` of the target image set
-    (seeded); ``heldout_accuracy`` is its accuracy on the rest, ``source_accuracy`` its accuracy on the sources
-    themselves (how recognisable the inputs already are), chance ≈ 0.1.
+    Returns ``{"classifier", "heldout_images", "heldout_labels", "n_train"}``.
     """
-    from scones.metrics.classifier import label_consistency, train_digit_classifier
+    from scones.metrics.classifier import train_digit_classifier
 
     s = cfg.eval.label_consistency
     images, labels = getattr(target, "images", None), getattr(target, "labels", None)
-    if not s["enabled"] or x_labels is None or images is None or labels is None:
+    if not s["enabled"] or images is None or labels is None:
         return None
     g = torch.Generator().manual_seed(int(cfg.seed) + 300)
     perm = torch.randperm(len(labels), generator=g)
@@ -229,13 +258,74 @@ def label_consistency_scores(
     clf = train_digit_classifier(
         images[train], labels[train], epochs=int(s["epochs"]), width=int(s["width"]), seed=int(cfg.seed)
     )
-    out = {
+    return {"classifier": clf, "heldout_images": images[hold], "heldout_labels": labels[hold], "n_train": len(train)}
+
+
+def label_consistency_scores(
+    cfg: DictConfig, target, x: Tensor, x_labels: Tensor | None, ys: Mapping[str, Tensor],
+    trained: dict | None = None,
+) -> dict | None:
+    """Share of each method's samples classified as the source's digit, or None without labels.
+
+    A :class:`~scones.metrics.classifier.DigitClassifier` is trained on ``1 − holdout`` of the target image set
+    (:func:`train_label_classifier`, or ``trained``, its result); ``heldout_accuracy`` is its accuracy on the rest,
+    ``source_accuracy`` its accuracy on the sources themselves (how recognisable the inputs already are),
+    chance ≈ 0.1.
+    """
+    from scones.metrics.classifier import label_consistency
+
+    if x_labels is None:
+        return None
+    trained = trained if trained is not None else train_label_classifier(cfg, target)
+    if trained is None:
+        return None
+    clf, hold_x, hold_y = trained["classifier"], trained["heldout_images"], trained["heldout_labels"]
+    return {
         "methods": {name: label_consistency(clf, y.float().clamp(0, 1), x_labels) for name, y in ys.items()},
         "source_accuracy": label_consistency(clf, x, x_labels),
-        "heldout_accuracy": label_consistency(clf, images[hold], labels[hold]) if n_hold else None,
-        "n_train": int(len(train)),
+        "heldout_accuracy": label_consistency(clf, hold_x, hold_y) if len(hold_y) else None,
+        "n_train": int(trained["n_train"]),
     }
+
+
+def feature_fid_scores(cfg: DictConfig, trained: dict, x: Tensor, ys: Mapping[str, Tensor]) -> dict | None:
+    """FID / KID in the digit classifier's penultimate feature space (:mod:`scones.metrics.feature_distance`).
+
+    Every method's samples and the sources are scored against the classifier's held-out target images (not used
+    to train the classifier; split into two halves, the second giving the target-vs-target floor; averaged over
+    ``n_splits`` random splits).
+    None when ``eval.feature_fid.enabled`` is false or fewer than 4 images are held out.
+    """
+    from scones.metrics.feature_distance import PenultimateFeatures, feature_distances
+
+    s = cfg.eval.feature_fid
+    reference = trained["heldout_images"]
+    if not s["enabled"] or reference.shape[0] < 4:
+        return None
+    out = feature_distances(
+        PenultimateFeatures(trained["classifier"]), reference, {**ys, "source": x},
+        n_splits=int(s["n_splits"]), kid_subsets=int(s["kid_subsets"]), seed=int(cfg.seed) + 400,
+    )
+    out["extractor"] = "digit classifier, penultimate layer"
     return out
+
+
+METHOD_NAMES = {"scones": "SCONES", "bp": "BP"}
+
+
+def grid_caption(fid: Mapping[str, Any] | None, lc: Mapping[str, float] | None) -> str | None:
+    """One- or two-line caption of the samples grid: feature FID (and label consistency) per column."""
+    lines = []
+    if fid is not None:
+        f = fid["fid"]
+        lines.append(
+            f"feature-FID vs held-out targets ({fid['n_per_set']} images each): SCONES {f['scones']:.2f}, "
+            f"BP {f['bp']:.2f}, independent {f['independent']:.2f}, source {f['source']:.2f}; "
+            f"target floor {f['target_floor']:.2f}"
+        )
+    if lc is not None:
+        lines.append("label consistency: " + ", ".join(f"{METHOD_NAMES.get(k, k)} {v:.3f}" for k, v in lc.items()))
+    return "\n".join(lines) or None
 
 
 def evaluate_images(
@@ -254,24 +344,31 @@ def evaluate_images(
     ``resample(x_r)`` draws fresh SCONES samples for the sources ``x_r`` (extra samples of the grid).
 
     Returns ``{"per_method": {m: {"label_consistency"}?}, "fid": {m: value | None, "source", "n_real", "n_fake",
-    "extractor", "skipped"}, "label_classifier": {...}?, "timings_s": seconds}`` (``per_method`` entries are merged
-    into ``metrics["methods"]``; FID stays in its own block because it may be null).
+    "extractor", "skipped"}, "label_classifier": {...}?, "feature_fid": {...}?, "timings_s": seconds}``
+    (``per_method`` entries are merged into ``metrics["methods"]``; FID stays in its own block because it may be
+    null; ``feature_fid`` (digit pairs) is :func:`feature_fid_scores`). The grid is drawn last, captioned with the
+    feature FID and label consistency.
     """
     t0 = time.perf_counter()
+    fid = fid_scores(cfg, target, ys, x, g)
+    per_method: dict[str, dict] = {name: {} for name in ys}
+    out: dict[str, Any] = {"per_method": per_method, "fid": {**fid.pop("methods"), **fid}}
+    trained = train_label_classifier(cfg, target) if x_labels is not None else None
+    lc = label_consistency_scores(cfg, target, x, x_labels, ys, trained) if trained is not None else None
+    if lc is not None:
+        for name, value in lc["methods"].items():
+            per_method[name]["label_consistency"] = value
+        out["label_classifier"] = {k: v for k, v in lc.items() if k != "methods"}
+    feature_fid = feature_fid_scores(cfg, trained, x, ys) if trained is not None else None
+    if feature_fid is not None:
+        out["feature_fid"] = feature_fid
     grid = cfg.eval.grid
     r, k = min(int(grid["n_sources"]), x.shape[0]), max(1, int(grid["samples_per_source"]))
     if r > 0:
         xr = x[:r]
         extra = ys["scones"][:r, None] if k == 1 else resample(xr.repeat_interleave(k, 0)).reshape(r, k, *x.shape[1:])
-        save_comparison_grid(run_dir / "samples_grid.png", xr, extra, ys["bp"][:r])
-    fid = fid_scores(cfg, target, ys, x, g)
-    per_method: dict[str, dict] = {name: {} for name in ys}
-    out: dict[str, Any] = {"per_method": per_method, "fid": {**fid.pop("methods"), **fid}}
-    lc = label_consistency_scores(cfg, target, x, x_labels, ys)
-    if lc is not None:
-        for name, value in lc.pop("methods").items():
-            per_method[name]["label_consistency"] = value
-        out["label_classifier"] = lc
+        caption = grid_caption(feature_fid, lc["methods"] if lc is not None else None)
+        save_comparison_grid(run_dir / "samples_grid.png", xr, extra, ys["bp"][:r], caption)
     out["timings_s"] = round(time.perf_counter() - t0, 2)
     return out
 
@@ -279,6 +376,7 @@ def evaluate_images(
 __all__ = [
     "ScoreSampleGrid",
     "evaluate_images",
+    "feature_fid_scores",
     "fid_scores",
     "grid_png",
     "is_image",
@@ -286,4 +384,5 @@ __all__ = [
     "sample_with_labels",
     "save_comparison_grid",
     "score_callbacks",
+    "train_label_classifier",
 ]

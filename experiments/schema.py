@@ -131,6 +131,12 @@ class LabelConsistency(Settings):
     max_train: Count
 
 
+class FeatureFID(Settings):
+    enabled: bool
+    n_splits: Count
+    kid_subsets: Count
+
+
 class ScoreGrid(Settings):
     every_n_steps: NonNegativeInt
     n_samples: Count
@@ -157,6 +163,7 @@ class Eval(Settings):
     grid: ImageGrid
     fid: FIDSettings
     label_consistency: LabelConsistency
+    feature_fid: FeatureFID
     score_grid: ScoreGrid
     density: DensitySettings
 

@@ -90,10 +90,19 @@ def test_image_experiment_runs_end_to_end(tmp_path, fake_root, name):
     assert ("label_consistency" in saved["methods"]["scones"]) == labelled
     if labelled:
         assert arrays["x_labels"].shape == (8,) and 0 <= saved["methods"]["bp"]["label_consistency"] <= 1
-    # grid: 2 sources x (source | 2 SCONES samples | BP)
+    if labelled:  # feature FID / KID in the digit classifier's feature space, with the target-vs-target floor
+        ffid = saved["feature_fid"]
+        assert ffid["fid"].keys() == ffid["kid"].keys() == {"scones", "bp", "independent", "source", "target_floor"}
+        assert all(np.isfinite(v) for v in ffid["fid"].values()) and ffid["n_per_set"] >= 2
+    else:
+        assert "feature_fid" not in saved
+    # grid: 2 sources x (source | 2 SCONES samples | BP), captioned (above the grid) when feature FID exists
     with Image.open(run_dir / "samples_grid.png") as im:
         cell = 2 + shape[-1] * max(1, math.ceil(48 / shape[-1]))
-        assert im.size == (4 * cell + 2, 2 * cell + 2)
+        if labelled:
+            assert im.size[0] >= 4 * cell + 2 and im.size[1] > 2 * cell + 2
+        else:
+            assert im.size == (4 * cell + 2, 2 * cell + 2)
     score_dir = Path(m["stages"]["score"]["dir"])
     assert sorted(p.name for p in (score_dir / "samples").glob("*.png")) == ["step000001.png", "step000002.png"]
 

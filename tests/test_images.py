@@ -229,6 +229,22 @@ def test_ncsn_v1_levels_are_distinct():
     assert all(not torch.allclose(outs[0], o, atol=1e-4) for o in outs[1:])
 
 
+def test_ncsn_v1_scale_by_sigma_divides_the_same_body_by_the_level_sigma():
+    sig = geometric_sigmas(1.0, 0.01, 4)
+    torch.manual_seed(0)
+    plain = NCSN(1, ngf=4, sigmas=sig)
+    scaled = NCSN(1, ngf=4, sigmas=sig, scale_by_sigma=True)
+    scaled.load_state_dict(plain.state_dict())
+    y = torch.rand(3, 1, 8, 8)
+    for i, s in enumerate(sig.tolist()):
+        with torch.no_grad():
+            assert torch.allclose(scaled(y, i) * s, plain(y, i), rtol=1e-5, atol=1e-6)
+            assert torch.allclose(scaled(y, s), scaled(y, i))  # σ value or level index
+    labels = torch.tensor([0, 3, 1])  # per-sample levels
+    with torch.no_grad():
+        assert torch.allclose(scaled(y, labels) * sig[labels].view(-1, 1, 1, 1), plain(y, labels), atol=1e-6)
+
+
 class _GaussianScore(nn.Module):
     """Exact score of N(0, s²I) convolved with N(0, σ²I): −y / (s² + σ²)."""
 
@@ -428,3 +444,30 @@ def test_digit_classifier_accuracy_and_label_consistency():
     stacked = images[test][:, None].expand(-1, 3, -1, -1, -1)
     assert label_consistency(clf, stacked, labels[test]) == pytest.approx(acc)
     assert label_consistency(clf, images[test], (labels[test] + 1) % 10) < 0.1
+
+
+def test_feature_fid_and_kid_in_classifier_space_identical_floor_and_degraded():
+    from scones.metrics.feature_distance import PenultimateFeatures, feature_distances, reference_halves
+
+    images, labels = load_digits_tensors()  # 8x8
+    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    train, held = perm[:600], perm[600:1000]
+    clf = train_digit_classifier(images[train], labels[train], epochs=3, width=4, seed=0)
+    feats = PenultimateFeatures(clf)
+    assert feats.num_features == 2 * 4 * 16
+    reference = images[held]
+    half_a, half_b = reference_halves(reference, seed=3)
+    blurred = torch.nn.functional.avg_pool2d(half_b, 3, stride=1, padding=1, count_include_pad=False)
+    sets = {"identical": half_a, "other_digits": images[1000:1400], "blurred": blurred,
+            "shifted": torch.roll(half_b, shifts=2, dims=-1)}
+    out = feature_distances(feats, reference, sets, n_splits=1, kid_subsets=20, seed=3)
+    fid, kid = out["fid"], {k: v["mean"] for k, v in out["kid"].items()}
+    assert out["n_reference"] == 200 and out["n_per_set"] == 200 and out["features"] == 128
+    assert abs(fid["identical"]) < 1e-6 * fid["target_floor"]  # same images: 0 up to round-off
+    # the floor (two disjoint held-out halves) is what fresh images of the same law get: another 200 digits do
+    # as well; every degraded set is far above it
+    assert fid["target_floor"] > 0 and fid["other_digits"] < 1.5 * fid["target_floor"]
+    for bad in ("blurred", "shifted"):
+        assert fid[bad] > 3 * fid["target_floor"], (bad, fid)
+        assert kid[bad] > 10 * max(abs(kid["target_floor"]), abs(kid["other_digits"])), (bad, kid)
+    assert abs(kid["identical"]) < 0.2 * kid["blurred"]

@@ -18,7 +18,9 @@ class DigitClassifier(nn.Module):
     """Small CNN for grey digits ``(n, C, H, W)`` in [0, 1] (any H, W ≥ 4): logits ``(n, num_classes)``.
 
     conv3×3(C→w) → ReLU → conv3×3(w→2w) → ReLU → 2×2 max-pool → adaptive mean-pool to 4×4 → flatten
-    → dropout → linear(32w→num_classes); inputs are mapped to 2x − 1.
+    → dropout → linear(32w→num_classes); inputs are mapped to 2x − 1. :meth:`embed` gives the penultimate
+    features (the 32w inputs of the linear head), ``num_features`` their number: the feature space of the
+    offline image-quality metric (:mod:`scones.metrics.feature_distance`).
     """
 
     def __init__(
@@ -35,9 +37,14 @@ class DigitClassifier(nn.Module):
             nn.AdaptiveAvgPool2d(4),
         )
         self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(2 * w * 16, num_classes))
+        self.num_features = 2 * w * 16
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(2.0 * x - 1.0))
+
+    def embed(self, x: Tensor) -> Tensor:
+        """Penultimate features ``(n, num_features)``: the flattened conv features the linear head reads."""
+        return self.features(2.0 * x - 1.0).flatten(1)
 
     @torch.no_grad()
     def predict(self, x: Tensor, batch_size: int = 1024) -> Tensor:

@@ -374,6 +374,11 @@ class NCSN(ScoreNetwork):
 
     ``forward(y, t)``: ``y`` in [0, 1] ``(n, C, H, W)``, ``t`` level indices or σ values of the stored
     schedule; returns the score estimate ``(n, C, H, W)``. Paper digits: ``ngf=64``, 10 levels 1 → 0.01.
+
+    ``scale_by_sigma=True`` divides the output by the level's σ (NCSNv2's output parametrisation, Song & Ermon
+    2020, technique 3, on top of the level conditioning): the network then predicts −z, of unit scale at every
+    level, instead of z/σ (×100 at σ = 0.01), which a small net trained briefly does not reach at the small
+    levels (the speckle of the CPU digit samples; docs/images.md).
     """
 
     level_conditional = True
@@ -384,14 +389,19 @@ class NCSN(ScoreNetwork):
         ngf: int = 64,
         sigmas: Tensor | Sequence[float] | None = None,
         dim: int | None = None,
+        scale_by_sigma: bool = False,
     ) -> None:
         check_flat_dim(type(self).__name__, dim, channels)
         super().__init__(geometric_sigmas(1.0, 0.01, 10) if sigmas is None else sigmas)
-        self.channels, self.ngf = channels, ngf
+        self.channels, self.ngf, self.scale_by_sigma = channels, ngf, bool(scale_by_sigma)
         self.body = RefineNet(channels, ngf, num_classes=self.num_levels)
 
     def forward(self, y: Tensor, t: int | float | Tensor) -> Tensor:
-        return self.body(2.0 * y - 1.0, self.noise_labels(y, t))
+        labels = self.noise_labels(y, t)
+        out = self.body(2.0 * y - 1.0, labels)
+        if self.scale_by_sigma:
+            out = out / self.sigmas[labels].to(out.dtype).view(-1, *([1] * (y.ndim - 1)))
+        return out
 
     def set_sigmas(self, sigmas: Tensor | Sequence[float]) -> None:
         if torch.as_tensor(sigmas).numel() != self.num_levels:

@@ -1,0 +1,172 @@
+"""Where does the speckle of SCONES digit samples come from? Sampler ablation on the cached `digits` stages.
+
+Loads (or trains, once) the dual, score and BP stages of ``+experiment=digits`` through the stage cache, trains the
+evaluation's digit CNN once, then runs sampler variants on the same sources and reports for each:
+
+* ``bg``: mean |y| on background pixels (pixels where the target set's mean image is < 0.01; target images
+  themselves: ~0.002) — the speckle statistic; ``bg_rms`` the root-mean-square there;
+* ``ffid`` / ``fkid``: feature FID / KID against held-out target images (:mod:`scones.metrics.feature_distance`;
+  floor printed first);
+* ``lc``: label consistency (conditional variants only);
+* the score model's denoising ratio per level, ‖D(y + σz) − y‖ / ‖σz‖ with the Tweedie denoiser D(ỹ) = ỹ + σ² s(ỹ, σ)
+  on target images (1 = the score does nothing at that level, 0 = perfect denoiser).
+
+    python scripts/digits_sampler_ablation.py                          # cached stages of the default digits run
+    python scripts/digits_sampler_ablation.py --variants base no_denoise --n 500 -- score.ema_decay=0.999
+
+Everything after ``--`` is a Hydra override of the digits experiment (it must match the run whose stages are
+cached, or those stages are trained first). Grids of each variant go to ``--out`` (default outputs/ablation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from experiments import images  # noqa: E402
+from experiments import pipeline as P  # noqa: E402
+from scones.metrics.classifier import label_consistency  # noqa: E402
+from scones.metrics.feature_distance import PenultimateFeatures, feature_distances  # noqa: E402
+from scones.sampling.conditional import ConditionalScore  # noqa: E402
+from scones.sampling.langevin import annealed_langevin  # noqa: E402
+
+# name -> sampler keys (step_lr, n_steps_each, skip_levels, denoise, guidance) overridden, plus 'drop_last' (stop at
+# level L-1, same step sizes) and init='uniform' (unconditional chains from U[0,1] over the whole schedule)
+VARIANTS: dict[str, dict] = {
+    "base": {},
+    "no_denoise": {"denoise": False},
+    "drop_last_level": {"drop_last": True},
+    "guidance0": {"guidance": 0.0},
+    "steps1": {"n_steps_each": 1},
+    "steps3": {"n_steps_each": 3},
+    "steps30": {"n_steps_each": 30},
+    "steps100": {"n_steps_each": 100},
+    "skip5": {"skip_levels": 5},
+    "skip7": {"skip_levels": 7},
+    "skip8": {"skip_levels": 8},
+    "skip9": {"skip_levels": 9},
+    "lr1e-5": {"step_lr": 1e-5},
+    "lr2e-5": {"step_lr": 2e-5},
+    "lr1e-4": {"step_lr": 1e-4},
+    "bp_only_denoise": {"skip_levels": 10},  # no Langevin step: y0 = BP + sigma_L z, then the denoise step
+    "uncond": {"init": "uniform", "skip_levels": 0, "guidance": 0.0},
+    "uncond_steps30": {"init": "uniform", "skip_levels": 0, "guidance": 0.0, "n_steps_each": 30},
+}
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hcompose
+    from hydra import initialize_config_dir
+
+    from experiments.run import register_resolvers
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return hcompose("config", overrides=["+experiment=digits", "num_threads=1", *overrides])
+
+
+@torch.no_grad()
+def denoise_ratios(module, images_: torch.Tensor, sigmas: torch.Tensor, seed: int = 0) -> list[float]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i, s in enumerate(sigmas.tolist()):
+        z = torch.randn(images_.shape, generator=g)
+        noisy = images_ + s * z
+        den = noisy + s**2 * module.score(noisy, i)
+        out.append(float((den - images_).flatten(1).norm(dim=1).mean() / (s * z.flatten(1).norm(dim=1)).mean()))
+    return out
+
+
+def run_variant(spec: dict, cfg, module, potentials, x, y_bp, g) -> torch.Tensor:
+    s = {**{k: cfg.sampler[k] for k in ("step_lr", "n_steps_each", "skip_levels", "denoise")}, **spec}
+    sigmas = module.sigmas.detach().clone()
+    skip = int(s["skip_levels"])
+    if spec.get("init") == "uniform":
+        y0 = torch.rand(x.shape, generator=g)
+    else:
+        first = float(sigmas[min(skip, len(sigmas) - 1)])
+        y0 = y_bp + first * torch.randn(x.shape, generator=g)
+    prior = P.conditional.LearnedPriorScore(module)  # level index -> training schedule
+    n_levels = len(sigmas) - (1 if spec.get("drop_last") else 0)
+    score = ConditionalScore(prior, potentials, x, guidance=float(spec.get("guidance", cfg.sampler.guidance)))
+    # same step sizes alpha_i = eps sigma_i^2 / sigma_L^2 when the last level is dropped (then the denoise step
+    # uses the last level run, sigma_{L-1})
+    step_lr = float(s["step_lr"]) * float(sigmas[n_levels - 1] / sigmas[-1]) ** 2
+    return annealed_langevin(
+        score, y0, sigmas[:n_levels], step_lr, int(s["n_steps_each"]), denoise=bool(s["denoise"]),
+        skip_levels=min(skip, n_levels), disable=True, generator=g,
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    ap.add_argument("--n", type=int, default=500)
+    ap.add_argument("--out", type=Path, default=ROOT / "outputs" / "ablation")
+    ap.add_argument("--json", type=Path, default=None, help="append one JSON line per variant here")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    cfg = compose(args.overrides)
+    source, target, cost, regularizer = P.build_problem(cfg)
+    potentials, dual = P.dual_stage(cfg, source, target, cost, regularizer)
+    prior_score, _ = P.score_stage(cfg, target)
+    bp_net, _ = P.bp_stage(cfg, source, target, potentials, dual)
+    module = prior_score.module
+    module.eval()
+    trained = images.train_label_classifier(cfg, target)
+    feats = PenultimateFeatures(trained["classifier"])
+    bg_mask = target.images.mean(0)[0] < 0.01
+
+    def bg(y: torch.Tensor) -> tuple[float, float]:
+        v = y[:, 0][:, bg_mask]
+        return float(v.abs().mean()), float(v.pow(2).mean().sqrt())
+
+    g = torch.Generator().manual_seed(int(cfg.seed) + 100)
+    x, x_labels = images.sample_with_labels(source, args.n, g)
+    y_bp = P.apply_bp(cfg, bp_net, x)
+    y_ind = target.sample(args.n, generator=g)
+    ratios = denoise_ratios(module, target.images[:256], module.sigmas)
+    print("sigmas        ", " ".join(f"{s:.4f}" for s in module.sigmas.tolist()))
+    print("denoise ratio ", " ".join(f"{r:.3f}" for r in ratios), flush=True)
+    ref = {"bp": y_bp, "independent": y_ind, "source": x}
+    fd = feature_distances(feats, trained["heldout_images"], ref, seed=int(cfg.seed) + 400)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name, y in ref.items():
+        rows.append({"variant": name, "bg": bg(y)[0], "bg_rms": bg(y)[1], "ffid": fd["fid"][name],
+                     "fkid": fd["kid"][name]["mean"], "lc": label_consistency(trained["classifier"], y.clamp(0, 1),
+                                                                            x_labels)})
+    rows.append({"variant": "target_floor", "bg": bg(target.images)[0], "bg_rms": bg(target.images)[1],
+                 "ffid": fd["fid"]["target_floor"], "fkid": fd["kid"]["target_floor"]["mean"], "lc": None})
+    for r in rows:
+        print(json.dumps(r), flush=True)
+    for name in args.variants:
+        t0 = time.process_time()
+        gv = torch.Generator().manual_seed(int(cfg.seed) + 500)
+        y = run_variant(VARIANTS[name], cfg, module, potentials, x, y_bp, gv)
+        cpu = time.process_time() - t0
+        d = feature_distances(feats, trained["heldout_images"], {"y": y}, seed=int(cfg.seed) + 400)
+        row = {"variant": name, "bg": bg(y)[0], "bg_rms": bg(y)[1], "ffid": d["fid"]["y"],
+               "fkid": d["kid"]["y"]["mean"], "lc": label_consistency(trained["classifier"], y.clamp(0, 1), x_labels),
+               "out_of_range": float(((y < -0.05) | (y > 1.05)).float().mean()), "cpu_s": round(cpu, 1)}
+        print(json.dumps(row), flush=True)
+        if args.json:
+            with args.json.open("a") as f:
+                f.write(json.dumps({**row, "overrides": args.overrides}) + "\n")
+        k = 10
+        (args.out / f"{name}.png").write_bytes(images.grid_png(
+            torch.cat([x[:k, None], y[:k, None], y_bp[:k, None]], 1).reshape(3 * k, *x.shape[1:]), nrow=6))
+    print("n_per_set", fd["n_per_set"], "n_reference", fd["n_reference"], "features", fd["features"])
+
+
+if __name__ == "__main__":
+    main()

@@ -132,7 +132,8 @@ def main() -> None:
 
     g = torch.Generator().manual_seed(int(cfg.seed) + 100)
     x, x_labels = images.sample_with_labels(source, args.n, g)
-    y_bp = P.apply_bp(cfg, bp_net, x)
+    with torch.no_grad():
+        y_bp = bp_net(x).reshape(x.shape)
     y_ind = target.sample(args.n, generator=g)
     ratios = denoise_ratios(module, target.images[:256], module.sigmas)
     print("sigmas        ", " ".join(f"{s:.4f}" for s in module.sigmas.tolist()))

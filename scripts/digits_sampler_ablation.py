@@ -57,6 +57,7 @@ VARIANTS: dict[str, dict] = {
     "lr2e-5": {"step_lr": 2e-5},
     "lr1e-4": {"step_lr": 1e-4},
     "bp_only_denoise": {"skip_levels": 10},  # no Langevin step: y0 = BP + sigma_L z, then the denoise step
+    "raw_weights": {"raw": True},  # the trained weights instead of their EMA (score.ema_decay set)
     "uncond": {"init": "uniform", "skip_levels": 0, "guidance": 0.0},
     "uncond_steps30": {"init": "uniform", "skip_levels": 0, "guidance": 0.0, "n_steps_each": 30},
 }
@@ -94,16 +95,22 @@ def run_variant(spec: dict, cfg, module, potentials, x, y_bp, g) -> torch.Tensor
     else:
         first = float(sigmas[min(skip, len(sigmas) - 1)])
         y0 = y_bp + first * torch.randn(x.shape, generator=g)
+    ema = module.ema
+    if spec.get("raw"):
+        module.ema = None  # ScoreModule.score then uses the trained weights
     prior = P.conditional.LearnedPriorScore(module)  # level index -> training schedule
     n_levels = len(sigmas) - (1 if spec.get("drop_last") else 0)
     score = ConditionalScore(prior, potentials, x, guidance=float(spec.get("guidance", cfg.sampler.guidance)))
     # same step sizes alpha_i = eps sigma_i^2 / sigma_L^2 when the last level is dropped (then the denoise step
     # uses the last level run, sigma_{L-1})
     step_lr = float(s["step_lr"]) * float(sigmas[n_levels - 1] / sigmas[-1]) ** 2
-    return annealed_langevin(
-        score, y0, sigmas[:n_levels], step_lr, int(s["n_steps_each"]), denoise=bool(s["denoise"]),
-        skip_levels=min(skip, n_levels), disable=True, generator=g,
-    )
+    try:
+        return annealed_langevin(
+            score, y0, sigmas[:n_levels], step_lr, int(s["n_steps_each"]), denoise=bool(s["denoise"]),
+            skip_levels=min(skip, n_levels), disable=True, generator=g,
+        )
+    finally:
+        module.ema = ema
 
 
 def main() -> None:

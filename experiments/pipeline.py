@@ -8,6 +8,7 @@ samples → metrics and plots. Each stage reads only what earlier stages saved.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -146,12 +147,81 @@ def dual_stage(cfg: DictConfig, source, target, cost, regularizer) -> tuple[Any,
     )
     module = DualModule(
         pot, lr=cfg.dual.lr, pairs=cfg.dual.pairs, skip_nonfinite=cfg.dual.get("skip_nonfinite", False),
-        objective=dual_objective_name(cfg, regularizer),
+        objective=dual_objective_name(cfg, regularizer), lr_schedule=str(cfg.dual.get("lr_schedule", "constant")),
+        **health_logging(cfg, source, target),
     )
     loader = stream_loader([source, target], cfg.dual.batch_size, _seed(cfg, 1), cfg.get("num_workers", 0))
     run_training_stage(cfg, stage, module, loader, int(cfg.dual.steps), pot)
     calibrate_dual(cfg, pot, source, target)
     return pot, stage
+
+
+def health_logging(cfg: DictConfig, source, target) -> dict:
+    """``health_data`` (held-out samples, ``eval.dual_health_samples`` per side, at most 1000) and ``health_every``
+    (``eval.dual_health_every``; 0 = about 10 times per stage, on logging steps) for :class:`DualModule`."""
+    n = min(int(cfg.eval.get("dual_health_samples", 2000)), 1000)
+    every = int(cfg.eval.get("dual_health_every", 0) or 0)
+    if n < 4:
+        return {}
+    if every <= 0:
+        log_every = max(1, int(cfg.trainer.get("log_every_n_steps", 25) or 25))
+        every = log_every * max(1, math.ceil(int(cfg.dual.steps) / (10 * log_every)))
+    g = torch.Generator().manual_seed(_seed(cfg, 3))
+    return {"health_data": (source.sample(n, generator=g), target.sample(n, generator=g)), "health_every": every}
+
+
+def assess_dual(cfg: DictConfig, potentials, source, target) -> dict:
+    """The dual's convergence diagnostic on ``eval.dual_health_samples`` fresh samples per side (seeded; also for
+    a cached stage), logged, with a warning when it fails. Returns the ``dual`` entries of metrics.json."""
+    from scones.ot.health import dual_health
+
+    n = int(cfg.eval.get("dual_health_samples", 2000))
+    if n < 4:
+        return {}
+    g = torch.Generator().manual_seed(_seed(cfg, 4))
+    x, y = source.sample(n, generator=g), target.sample(n, generator=g)
+    try:
+        h = dual_health(potentials, x, y)
+    except Exception as e:  # noqa: BLE001 - a diagnostic must never stop the run
+        log.warning("dual health diagnostic failed: %s: %s", type(e).__name__, e)
+        return {"health": None, "converged": None, "health_error": f"{type(e).__name__}: {e}"}
+    out = {"health": h["health"], "converged": h["converged"], "health_detail": h}
+    if h["converged"] is False:
+        out["warning"] = (
+            f"dual stage unconverged: {h['method']} marginal violation {h['health']:.4g} > threshold "
+            f"{h['threshold']:.4g} (dual.health in metrics.json); train longer (dual.steps), or check dual.lr"
+        )
+        log.warning(out["warning"])
+    elif h["converged"] is None:
+        out["warning"] = (
+            f"dual convergence not assessable: the plan is too sharp for the sample check (effective sample size "
+            f"{h['ess']:.3g} < 10 on {n} fresh samples)"
+        )
+        log.warning(out["warning"])
+    else:
+        log.info("dual: converged (%s marginal violation %.4g <= %.4g)", h["method"], h["health"], h["threshold"])
+    return out
+
+
+def resolve_auto_settings(cfg: DictConfig, target, cost, regularizer) -> dict:
+    """Replace the config values ``auto`` (keys of :data:`scones.autoconfig.KEYS`) in ``cfg``, in place, by their
+    rules (:mod:`scones.autoconfig`) for this λ, dimension and target scale (variances of 2000 seeded target
+    samples). Returns ``{"values": {key: value}, "scale": {...}}`` (empty when nothing is ``auto``); logged."""
+    from scones import autoconfig
+
+    requested = {k: OmegaConf.select(cfg, k) for k in autoconfig.KEYS}
+    if not any(v == autoconfig.AUTO for v in requested.values() if isinstance(v, str)):
+        return {}
+    g = torch.Generator().manual_seed(_seed(cfg, 5))
+    y = target.sample(2000, generator=g)
+    lam = float(getattr(regularizer, "lam", 1.0))
+    cost_scale = cost.scale(y) if hasattr(cost, "scale") else 1.0
+    scale = autoconfig.problem_scale(y.numpy(), lam, cost_scale, getattr(regularizer, "name", "other"))
+    values = autoconfig.resolve_auto(requested, scale)
+    for key, value in values.items():
+        OmegaConf.update(cfg, key, value, merge=False)
+    log.info("auto settings (scones.autoconfig): %s", ", ".join(f"{k}={v}" for k, v in values.items()))
+    return {"values": values, "scale": scale.as_dict()}
 
 
 def dual_objective_name(cfg: DictConfig, regularizer) -> str:
@@ -237,7 +307,9 @@ def bp_stage(cfg: DictConfig, source, target, potentials, dual: Stage, settings:
     dim = data_dim(source)
     pl.seed_everything(settings.seed + 20, workers=True, verbose=False)
     net = instantiate_node(cfg, "bp.net", in_dim=dim, out_dim=dim)
-    module = BarycentricModule(net, potentials, lr=bp.lr, pairs=bp.pairs, skip_nonfinite=bp.skip_nonfinite)
+    module = BarycentricModule(
+        net, potentials, lr=bp.lr, pairs=bp.pairs, skip_nonfinite=bp.skip_nonfinite, estimator=bp.estimator
+    )
     loader = stream_loader([source, target], bp.batch_size, settings.seed + 21, settings.num_workers)
     run_training_stage(cfg, stage, module, loader, bp.steps, net)
     net.eval()
@@ -309,7 +381,7 @@ def sample_sharded(coupling: Coupling, x: torch.Tensor, y0: torch.Tensor, g: tor
 
 
 def evaluate(cfg: DictConfig, run_dir: Path, source, target, cost, regularizer, potentials, prior_score, bp_net,
-             stages: dict[str, Stage | None]) -> dict:
+             stages: dict[str, Stage | None], dual_health: dict | None = None, resolved: dict | None = None) -> dict:
     from experiments import density, evaluation
 
     n = int(cfg.eval.n_samples)
@@ -330,6 +402,14 @@ def evaluate(cfg: DictConfig, run_dir: Path, source, target, cost, regularizer, 
     metrics = evaluation.coupling_metrics(cfg, source, target, cost, regularizer, x, {"scones": y, "bp": y_bp,
                                                                                      "independent": y_ind}, g)
     metrics["dual"] = {"mean_H": mean_h}
+    warnings = []
+    if dual_health:
+        health = dict(dual_health)
+        if "warning" in health:
+            warnings.append(health.pop("warning"))
+        metrics["dual"].update(health)
+    if resolved:
+        metrics["auto"] = resolved
     density_metrics = density.evaluate(cfg, run_dir, source, target, cost, regularizer, potentials, _seed(cfg, 200))
     if density_metrics is not None:  # p and q have known densities: calibration, marginals, KL to the truth
         metrics["density"] = density_metrics
@@ -357,6 +437,7 @@ def evaluate(cfg: DictConfig, run_dir: Path, source, target, cost, regularizer, 
     metrics["stages"] = {
         name: {"dir": str(st.dir), "cached": st.cached} if st is not None else None for name, st in stages.items()
     }
+    metrics["warnings"] = warnings
     metrics["experiment"] = cfg.get("name", "custom")
     metrics["n_samples"] = n
 
@@ -388,6 +469,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(int(cfg.get("num_threads") or torch.get_num_threads()))
     source, target, cost, regularizer = build_problem(cfg)
+    resolved = resolve_auto_settings(cfg, target, cost, regularizer)
+    if resolved:  # the typed settings with the resolved values (the stages read them)
+        settings = validate_config(cfg, run_dir)
     if is_rank_zero():
         atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
 
@@ -396,6 +480,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
     try:
         with tracking(tracker):
             potentials, dual = dual_stage(cfg, source, target, cost, regularizer)
+            with threadpool_limits(limits=1, user_api="blas"):
+                health = assess_dual(cfg, potentials, source, target) if is_rank_zero() else {}
             prior_score, score = score_stage(cfg, target, settings)
             bp_net, bp = bp_stage(cfg, source, target, potentials, dual, settings)
         stages = {"dual": dual, "score": score, "bp": bp}
@@ -405,7 +491,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
         # NumPy/SciPy BLAS only sees the evaluation's small matrices (covariances, POT references): one thread is
         # fastest and stops OpenBLAS threads fighting torch's OpenMP pool (up to 90x slower; docs/performance.md)
         with threadpool_limits(limits=1, user_api="blas"):
-            metrics = evaluate(cfg, run_dir, source, target, cost, regularizer, potentials, prior_score, bp_net, stages)
+            metrics = evaluate(cfg, run_dir, source, target, cost, regularizer, potentials, prior_score, bp_net, stages,
+                               health, resolved)
         if metrics is not None:
             log.info("metrics written to %s", run_dir / "metrics.json")
             try:

@@ -28,7 +28,7 @@ from experiments.validation import GROUPS, Problem, show
 from scones.ot.costs import Reduction
 from scones.ot.dual import Objective, Pairs
 from scones.sampling.settings import Sampler
-from scones.settings import Count, NonNegativeFloat, NonNegativeInt, PositiveFloat, Settings, by_kind, order_error
+from scones.settings import Auto, Count, NonNegativeFloat, NonNegativeInt, PositiveFloat, Settings, by_kind, order_error
 
 # --------------------------------------------------------------------------------------------- vocabularies
 
@@ -77,6 +77,10 @@ class NeuralDual(NetTraining):
     pairs: Pairs
     objective: DualObjective = "dual"
     calibration_samples: Count = 2000
+    steps: Count | Auto  # auto: scones.autoconfig rules, resolved before the stages
+    batch_size: Count | Auto
+    lr: PositiveFloat | Auto
+    lr_schedule: Literal["constant", "cosine"] = "constant"
 
 
 class OnlineSinkhornDual(Settings):
@@ -107,6 +111,7 @@ class ExactScore(Settings):
 class BarycentricProjection(NetTraining):
     net: Target
     pairs: Pairs
+    estimator: Literal["seguy", "self_normalised", "potential", "auto"] = "seguy"  # scones.models.barycentric
 
 
 class ImageGrid(Settings):
@@ -152,7 +157,9 @@ class DensitySettings(Settings):
 
 
 class Eval(Settings):
-    n_samples: Annotated[int, Ge(2)]
+    n_samples: Annotated[int, Ge(2)] | Auto
+    dual_health_samples: NonNegativeInt = 2000  # 0: no dual health diagnostic
+    dual_health_every: NonNegativeInt = 0
     batch_size: Count
     device: str | None = None
     pot_reference_n: NonNegativeInt

@@ -12,7 +12,7 @@ and tests may add their own.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Literal, Union
 
 from annotated_types import Ge, Gt
 from pydantic import BaseModel, ConfigDict, Discriminator, Tag
@@ -22,6 +22,7 @@ PositiveFloat = Annotated[float, Gt(0)]
 NonNegativeFloat = Annotated[float, Ge(0)]
 Count = Annotated[int, Ge(1)]  # steps, batch sizes, levels
 NonNegativeInt = Annotated[int, Ge(0)]
+Auto = Literal["auto"]  # a value resolved from the problem by scones.autoconfig before the stages run
 
 
 class Settings(BaseModel):
@@ -50,4 +51,4 @@ def order_error(key: str, value: Any, relation: str, other: str, other_value: An
     )
 
 
-__all__ = ["Count", "NonNegativeFloat", "NonNegativeInt", "PositiveFloat", "Settings", "by_kind", "order_error"]
+__all__ = ["Auto", "Count", "NonNegativeFloat", "NonNegativeInt", "PositiveFloat", "Settings", "by_kind", "order_error"]

@@ -57,13 +57,31 @@ class MLP(nn.Module):
 
 
 class Potential(MLP):
-    """Scalar potential φ: R^d → R, output shape ``(n,)``."""
+    """Scalar potential φ: R^d → R, output shape ``(n,)``.
 
-    def __init__(self, dim: int, hidden: Sequence[int] = (256, 256), activation: str = "silu") -> None:
+    ``quadratic=True`` adds a learnable quadratic form xᵀQx (Q symmetric, initialised at 0) to the MLP output.
+    For the squared cost the dual potentials are ‖x‖² minus a convex (Brenier-like) function, so their bulk is
+    quadratic; the skip term learns it directly and leaves the MLP the non-quadratic rest (for Gaussian pairs the
+    exact potentials are quadratic, so the MLP part is then only noise to average out). d² extra parameters,
+    stored as W with Q = ``quadratic_scale``·(W + Wᵀ)/2: Adam moves every parameter by ~lr per step whatever its
+    scale, and Q's entries are O(1) while the MLP's weights are O(1/√width), so Q gets a ``quadratic_scale``× larger
+    effective step.
+    """
+
+    def __init__(
+        self, dim: int, hidden: Sequence[int] = (256, 256), activation: str = "silu", quadratic: bool = False,
+        quadratic_scale: float = 10.0,
+    ) -> None:
         super().__init__(dim, 1, hidden, activation)
+        self.quad = nn.Parameter(torch.zeros(dim, dim)) if quadratic else None
+        self.quadratic_scale = float(quadratic_scale)
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x).squeeze(-1)
+        out = super().forward(x).squeeze(-1)
+        if self.quad is not None:
+            z = x.reshape(x.shape[0], -1)
+            out = out + ((z @ (0.5 * self.quadratic_scale * (self.quad + self.quad.T))) * z).sum(1)
+        return out
 
 
 class NoiseConditionalScoreMLP(nn.Module):

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from scones.sampling.langevin import Callback, ScoreFn, annealed_langevin, ula
 from scones.sampling.schedules import geometric_sigmas
-from scones.settings import Count, NonNegativeFloat, NonNegativeInt, PositiveFloat, Settings, by_kind, order_error
+from scones.settings import Auto, Count, NonNegativeFloat, NonNegativeInt, PositiveFloat, Settings, by_kind, order_error
 
 Init = Literal["source", "bp", "bp_noise", "noise"]
 """Chain start y₀: x, T(x), T(x) + s·z or s·z with s = :attr:`SamplerSettings.start_noise`."""
@@ -63,8 +63,8 @@ class SamplerSettings(Settings):
 
 class ULA(SamplerSettings):
     kind: Literal["ula"] = "ula"
-    step_size: PositiveFloat
-    n_steps: Count
+    step_size: PositiveFloat | Auto  # auto: scones.autoconfig rules (resolved before sampling)
+    n_steps: Count | Auto
     init_noise: NonNegativeFloat = 1.0
 
     @property

@@ -1,0 +1,127 @@
+r"""Settings chosen from the problem: λ, the dimension and the data scale (config values ``auto``).
+
+A user who changes only λ or d must get a converged dual and a usable sampler without tuning. Every rule below
+is a plain function of a :class:`ProblemScale` (no Hydra); the pipeline resolves the config values that are
+``auto`` with :func:`resolve_auto`, logs them, writes them into the run's ``config.yaml`` and ``metrics.json``
+(``auto``), and any explicit value overrides its rule.
+
+Notation: s = the cost's scale (c = s‖x − y‖²: 1 for the summed cost, 1/D for the mean cost), v_min, v̄, v_max
+the smallest, mean and largest variance of the target q along its principal axes (estimated from samples), d
+the dimension. For the KL plan with the squared cost the conditional π(y | x) has precision ≈ Σ_q⁻¹ + (2s/λ)·I
+(the ψ term changes it by O(1), exactly so for Gaussian pairs), hence
+
+- stiffness of the conditional score  L = 1/v_min + 2s/λ,
+- its largest variance               v_c = 1/(1/v_max + 2s/λ),
+- sharpness of the plan              κ = 2s·v̄/λ (target variance over the conditional one; κ ≫ 1: sharp).
+
+Rules:
+
+================== ====================================================================================
+dual.objective     ``logmeanexp`` for KL (shift-invariant: no vanishing gradient when H ≈ 0 at the start
+                   of training at a small λ; then E[H] = 1 by calibration), ``dual`` otherwise
+dual.lr            3e-4
+dual.batch_size    500 when κ ≤ 4; 1000 when κ > 4 (a sharp plan: the n² pairs of a batch carry little
+                   mass, more pairs lower the estimator's bias)
+dual.steps         3000·max(1, d/16)^½, rounded up to 500
+sampler.step_size  ULA step h = 0.05/L (stable and with a stationary bias of ~h·L/2 = 2.5 % of the
+                   smallest conditional variance)
+sampler.n_steps    max(1000, ⌈8·v_c/h⌉): the slowest direction relaxes as exp(−2·n·h/v_c) from the
+                   BP initialisation
+eval.n_samples     2000 for d ≤ 16, else 10000·d/64 rounded up to 1000 (the BW-UVP floor of n samples
+                   grows like d/n: ≈ 0.0037 at d = 16, n = 2000 and ≈ 0.0028 at d = 64, n = 10⁴)
+bp.estimator       ``potential`` for KL with a squared cost (regress T(x) on the conditional mean
+                   x − ∇φ(x)/(2s) implied by φ), ``seguy`` otherwise
+================== ====================================================================================
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+AUTO = "auto"
+KEYS = (
+    "dual.objective", "dual.lr", "dual.batch_size", "dual.steps", "sampler.step_size", "sampler.n_steps",
+    "eval.n_samples", "bp.estimator",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ProblemScale:
+    """What the rules look at. ``regularizer`` is ``"kl"`` or ``"chi2"``; ``cost_scale`` is s in c = s‖x − y‖²."""
+
+    dim: int
+    lam: float
+    cost_scale: float
+    regularizer: str
+    var_min: float
+    var_mean: float
+    var_max: float
+
+    @property
+    def stiffness(self) -> float:
+        return 1.0 / self.var_min + 2.0 * self.cost_scale / self.lam
+
+    @property
+    def conditional_var_max(self) -> float:
+        return 1.0 / (1.0 / self.var_max + 2.0 * self.cost_scale / self.lam)
+
+    @property
+    def sharpness(self) -> float:
+        return 2.0 * self.cost_scale * self.var_mean / self.lam
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "stiffness": self.stiffness, "conditional_var_max": self.conditional_var_max,
+                "sharpness": self.sharpness}  # fmt: skip
+
+
+def target_variances(y: np.ndarray, max_eig_dim: int = 512) -> tuple[float, float, float]:
+    """(v_min, v̄, v_max) of samples ``y`` (n, ...): eigenvalues of the sample covariance up to ``max_eig_dim``
+    coordinates, per-coordinate variances above (images)."""
+    y = np.asarray(y, dtype=np.float64).reshape(len(y), -1)
+    if y.shape[1] <= max_eig_dim:
+        w = np.linalg.eigvalsh(np.atleast_2d(np.cov(y, rowvar=False)))
+    else:
+        w = y.var(0, ddof=1)
+    w = np.clip(w, 1e-12, None)
+    return float(w.min()), float(w.mean()), float(w.max())
+
+
+def problem_scale(target_samples, lam: float, cost_scale: float, regularizer: str) -> ProblemScale:
+    v_min, v_mean, v_max = target_variances(target_samples)
+    d = int(np.prod(np.asarray(target_samples).shape[1:]))
+    return ProblemScale(d, float(lam), float(cost_scale), str(regularizer), v_min, v_mean, v_max)
+
+
+def _round_up(x: float, step: int) -> int:
+    return int(step * math.ceil(x / step))
+
+
+def rule(key: str, p: ProblemScale) -> Any:
+    """The value of ``key`` (one of :data:`KEYS`) for the problem ``p``."""
+    if key == "dual.objective":
+        return "logmeanexp" if p.regularizer == "kl" else "dual"
+    if key == "dual.lr":
+        return 3e-4
+    if key == "dual.batch_size":
+        return 1000 if p.sharpness > 4.0 else 500
+    if key == "dual.steps":
+        return _round_up(3000 * math.sqrt(max(1.0, p.dim / 16)), 500)
+    if key == "sampler.step_size":
+        return float(f"{0.05 / p.stiffness:.3g}")
+    if key == "sampler.n_steps":
+        return max(1000, _round_up(8.0 * p.conditional_var_max / rule("sampler.step_size", p), 100))
+    if key == "eval.n_samples":
+        return 2000 if p.dim <= 16 else _round_up(10000 * p.dim / 64, 1000)
+    if key == "bp.estimator":
+        return "potential" if p.regularizer == "kl" else "seguy"
+    raise KeyError(f"no rule for {key!r}; rules exist for {', '.join(KEYS)}")
+
+
+def resolve_auto(values: Mapping[str, Any], p: ProblemScale) -> dict[str, Any]:
+    """``{key: rule(key, p)}`` for every ``key`` of ``values`` whose value is ``"auto"``."""
+    return {k: rule(k, p) for k, v in values.items() if isinstance(v, str) and v == AUTO}

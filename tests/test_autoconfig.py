@@ -1,0 +1,126 @@
+"""Settings rules (scones.autoconfig) per regime, the dual health diagnostic, and its report in metrics.json."""
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from scones import autoconfig
+from scones.ot import KL, SquaredEuclidean
+from scones.ot.gaussian import covariance_pair, entropic_conditional, exact_gaussian_potentials
+from scones.ot.health import dual_health, moment_marginal_violation
+from tests.helpers import make_cfg
+
+
+def gaussian_scale(dim: int, lam: float) -> tuple[autoconfig.ProblemScale, np.ndarray]:
+    """The rules' view of the Gaussian benchmark pair 0 (target samples) and the exact conditional covariance."""
+    _, B = covariance_pair(dim, 0)
+    y = np.random.default_rng(0).multivariate_normal(np.zeros(dim), B, size=4000)
+    A, B = covariance_pair(dim, 0)
+    return autoconfig.problem_scale(y, lam, 1.0, "kl"), entropic_conditional(A, B, lam).S
+
+
+@pytest.mark.parametrize("dim,lam", [(2, 1.0), (16, 1.0), (16, 4.0), (16, 32.0), (64, 1.0), (64, 16.0), (64, 128.0)])
+def test_rules_pick_a_stable_mixing_sampler_against_the_exact_conditional(dim, lam):
+    """ULA on the exact conditional N(Mx, S): the rule's step must be small against S's smallest variance (stability
+    and a stationary bias ≲ h/(2 s_min) of a few %) and its n_steps·h long against the largest (mixing from BP)."""
+    p, S = gaussian_scale(dim, lam)
+    s = np.linalg.eigvalsh(S)
+    h, n = autoconfig.rule("sampler.step_size", p), autoconfig.rule("sampler.n_steps", p)
+    assert h / s.min() <= 0.1, (h, s.min())  # bias h/(2 s_min) ≤ 5 %, far from the stability limit 2 s_min
+    assert h / s.min() >= 0.005  # ... but not needlessly small
+    assert n * h >= 3.0 * s.max(), (n, h, s.max())  # exp(-2·n·h/s_max) ≤ e⁻⁶ of the BP-init variance deficit
+    assert 1000 <= n <= 20000
+
+
+@pytest.mark.parametrize("dim,lam", [(2, 1.0), (16, 1.0), (16, 32.0), (64, 1.0), (64, 128.0)])
+def test_rules_dual_and_eval_settings_per_regime(dim, lam):
+    p, _ = gaussian_scale(dim, lam)
+    r = {k: autoconfig.rule(k, p) for k in autoconfig.KEYS}
+    assert r["dual.objective"] == "logmeanexp" and r["bp.estimator"] == "potential"
+    sharp = p.sharpness > 4
+    assert (lam == 1.0 and dim >= 16) <= sharp and (lam >= 2 * dim) <= (not sharp)
+    assert r["dual.batch_size"] == (1000 if sharp else 500)
+    assert r["dual.steps"] >= 3000 and (dim <= 16) == (r["dual.steps"] == 3000)
+    # BW-UVP floor ~ d/n: the protocol keeps n/d >= 125 (d = 16: 2000; d = 64: 10⁴)
+    assert r["eval.n_samples"] >= 2000 and r["eval.n_samples"] / dim >= 125
+    assert autoconfig.rule("dual.objective", autoconfig.ProblemScale(dim, lam, 1.0, "chi2", 1, 1, 1)) == "dual"
+
+
+def test_the_lam_2d_table_keeps_its_settings():
+    """λ = 2d (docs/results.md table, measured with h = 0.05, 1000 steps): the same cost, a step within 2× (its
+    stationary bias is bounded against the exact conditional in the test above)."""
+    for dim in (2, 16):
+        p, _ = gaussian_scale(dim, 2.0 * dim)
+        assert autoconfig.rule("sampler.n_steps", p) == 1000
+        assert 0.05 / 2 <= autoconfig.rule("sampler.step_size", p) <= 0.05 * 2
+        assert autoconfig.rule("dual.batch_size", p) == 500 and autoconfig.rule("dual.steps", p) == 3000
+        assert autoconfig.rule("eval.n_samples", p) == 2000
+
+
+def test_resolve_auto_only_touches_auto_values():
+    p, _ = gaussian_scale(2, 1.0)
+    out = autoconfig.resolve_auto({"dual.lr": "auto", "dual.steps": 10, "sampler.n_steps": "auto"}, p)
+    assert set(out) == {"dual.lr", "sampler.n_steps"}
+    with pytest.raises(KeyError, match="no rule"):
+        autoconfig.rule("dual.nope", p)
+
+
+def _pot(Qs, lam):
+    from scones.ot.gaussian import QuadraticPotential
+
+    return SimpleNamespace(
+        phi=QuadraticPotential(Qs[0]), psi=QuadraticPotential(Qs[1]), cost=SquaredEuclidean(), regularizer=KL(lam)
+    )
+
+
+@pytest.mark.parametrize("dim,lam", [(2, 1.0), (8, 1.0), (8, 16.0)])
+def test_health_passes_for_exact_potentials_and_fails_for_untrained_ones(dim, lam):
+    """The moment identities hold for the closed-form potentials at any λ (violation within the noise), and the
+    untrained pair (φ = ψ = 0) is flagged."""
+    from scones.data import RandomGaussian
+    from scones.ot.gaussian import entropic_potentials
+
+    src, tgt = RandomGaussian(dim, role="source"), RandomGaussian(dim, role="target")
+    g = torch.Generator().manual_seed(0)
+    x, y = src.sample(2000, generator=g), tgt.sample(2000, generator=g)
+    Qf, Qg = entropic_potentials(src.cov_np, tgt.cov_np, lam)
+    good = dual_health(_pot((Qf, Qg), lam), x, y)
+    assert good["converged"] is True and good["method"] == "moments"
+    bad = dual_health(_pot((0 * Qf, 0 * Qg), lam), x, y)
+    assert bad["converged"] is False and bad["health"] > 5 * good["health"]
+    # exact_gaussian_potentials are the same callables the oracles use
+    phi, psi = exact_gaussian_potentials(src.cov_np, tgt.cov_np, lam)
+    m = moment_marginal_violation(SimpleNamespace(phi=phi, psi=psi, cost=SquaredEuclidean(), regularizer=KL(lam)), x, y)
+    assert m["violation"] <= 2 * m["noise"]
+
+
+def test_chi2_health_is_the_self_normalised_check():
+    from scones.ot.regularizers import ChiSquared
+
+    lin = torch.nn.Linear(2, 1)
+    f = lambda z: lin(z).squeeze(-1) + 5.0  # noqa: E731
+    pot = SimpleNamespace(phi=f, psi=f, cost=SquaredEuclidean(), regularizer=ChiSquared(10.0))
+    g = torch.Generator().manual_seed(0)
+    h = dual_health(pot, torch.randn(300, 2, generator=g), torch.randn(300, 2, generator=g))
+    assert h["method"] == "self_normalised" and 0 <= h["health"] <= 1 and h["ess"] > 10
+
+
+def test_unconverged_dual_is_reported_in_metrics(tmp_path):
+    """5 dual steps at d = 16, λ = 1 cannot converge: metrics.json says so (dual.converged false + a warning)."""
+    from experiments.pipeline import run
+
+    cfg = make_cfg(tmp_path, [
+        "+experiment=gaussian", "data.dim=16", "regularizer.lam=1", "dual.steps=5", "bp.steps=5",
+        "eval.n_samples=200", "sampler.n_steps=5", "eval.dual_health_samples=500",
+    ])  # fmt: skip
+    m = run(cfg, tmp_path / "run")
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["dual"]["converged"] is False and saved["dual"]["health"] > saved["dual"]["health_detail"]["threshold"]
+    assert any("unconverged" in w for w in saved["warnings"])
+    assert "mean_H" in saved["dual"]
+    # the auto rules were resolved and recorded (dual.batch_size/lr; the explicit dual.steps was kept)
+    assert saved["auto"]["values"]["dual.batch_size"] == 1000 and "dual.steps" not in saved["auto"]["values"]
+    assert m["auto"]["scale"]["sharpness"] > 4

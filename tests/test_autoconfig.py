@@ -124,3 +124,25 @@ def test_unconverged_dual_is_reported_in_metrics(tmp_path):
     # the auto rules were resolved and recorded (dual.batch_size/lr; the explicit dual.steps was kept)
     assert saved["auto"]["values"]["dual.batch_size"] == 1000 and "dual.steps" not in saved["auto"]["values"]
     assert m["auto"]["scale"]["sharpness"] > 4
+
+
+def test_potential_bp_target_is_the_exact_barycentric_map_for_exact_potentials():
+    """x − ∇φ(x)/2 with the closed-form φ is E[y | x] = Mx, and the oracle's E[H] = 1 (its φ constant is exact)."""
+    from scones.data import RandomGaussian
+    from scones.models.barycentric import BarycentricModule, potential_conditional_mean
+    from scones.ot.dual import violation
+    from scones.ot.gaussian import ExactGaussianPotentials
+
+    src, tgt = RandomGaussian(4, role="source"), RandomGaussian(4, role="target")
+    pot = ExactGaussianPotentials(src.cov_np, tgt.cov_np, 1.0)
+    g = torch.Generator().manual_seed(0)
+    x = src.sample(500, generator=g)
+    assert torch.allclose(potential_conditional_mean(pot, x), pot.barycentric(x), atol=1e-3)
+    xs, ys = src.sample(200000, generator=g), tgt.sample(200000, generator=g)
+    assert abs(float(pot.regularizer.density(violation(pot, xs, ys)).mean()) - 1.0) < 0.05
+    net = torch.nn.Linear(4, 4)
+    for est in ("seguy", "self_normalised", "potential"):
+        loss = BarycentricModule(net, pot, estimator=est).loss(x[:64], tgt.sample(64, generator=g))
+        assert loss.ndim == 0 and torch.isfinite(loss)
+    with pytest.raises(ValueError, match="bp.estimator"):
+        BarycentricModule(net, pot, estimator="nope")

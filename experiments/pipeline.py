@@ -158,16 +158,20 @@ def dual_stage(cfg: DictConfig, source, target, cost, regularizer) -> tuple[Any,
 
 def health_logging(cfg: DictConfig, source, target) -> dict:
     """``health_data`` (held-out samples, ``eval.dual_health_samples`` per side, at most 1000) and ``health_every``
-    (``eval.dual_health_every``; 0 = about 10 times per stage, on logging steps) for :class:`DualModule`."""
+    (``eval.dual_health_every``; 0 = about 10 times per stage, at most every 100 steps, on logging steps) for
+    :class:`DualModule`."""
     n = min(int(cfg.eval.get("dual_health_samples", 2000)), 1000)
     every = int(cfg.eval.get("dual_health_every", 0) or 0)
     if n < 4:
         return {}
     if every <= 0:
         log_every = max(1, int(cfg.trainer.get("log_every_n_steps", 25) or 25))
-        every = log_every * max(1, math.ceil(int(cfg.dual.steps) / (10 * log_every)))
-    g = torch.Generator().manual_seed(_seed(cfg, 3))
-    return {"health_data": (source.sample(n, generator=g), target.sample(n, generator=g)), "health_every": every}
+        every = log_every * max(math.ceil(100 / log_every), math.ceil(int(cfg.dual.steps) / (10 * log_every)))
+    def draw():  # at the first health step (seeded): a run shorter than `every` steps draws nothing
+        g = torch.Generator().manual_seed(_seed(cfg, 3))
+        return source.sample(n, generator=g), target.sample(n, generator=g)
+
+    return {"health_data": draw, "health_every": every}
 
 
 def assess_dual(cfg: DictConfig, potentials, source, target) -> dict:

@@ -120,7 +120,7 @@ def budget_cell(dim: int, lam: float, overrides: list[str], out_dir: Path) -> di
     g = torch.Generator().manual_seed(int(cfg.seed) + 1000)
     x = source.sample(n, generator=g)
     with torch.no_grad():
-        y_bp = pipeline.batched(lambda xb: bp_net(xb).reshape(xb.shape), x, bs)
+        y_bp = torch.cat([bp_net(xb).reshape(xb.shape) for xb in x.split(bs)])
     y_exact_mean = exact.barycentric(x)
     sampler = OmegaConf.to_container(cfg.sampler, resolve=True)
     long = {**sampler, "step_size": sampler["step_size"] / 2, "n_steps": 4 * int(sampler["n_steps"])}

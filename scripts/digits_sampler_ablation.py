@@ -123,10 +123,13 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     cfg = compose(args.overrides)
+    from experiments.validation import read_settings
+
+    settings = read_settings(cfg)
     source, target, cost, regularizer = P.build_problem(cfg)
     potentials, dual = P.dual_stage(cfg, source, target, cost, regularizer)
-    prior_score, _ = P.score_stage(cfg, target)
-    bp_net, _ = P.bp_stage(cfg, source, target, potentials, dual)
+    prior_score, _ = P.score_stage(cfg, target, settings)
+    bp_net, _ = P.bp_stage(cfg, source, target, potentials, dual, settings)
     module = prior_score.module
     module.eval()
     trained = images.train_label_classifier(cfg, target)

@@ -296,5 +296,8 @@ def test_digits_default_end_to_end_on_real_data(tmp_path):
     assert abs(lc["independent"] - 0.1) < 0.06, lc  # chance level
     assert m["label_classifier"]["heldout_accuracy"] > 0.9
     assert m["fid"]["skipped"] is None or m["fid"]["scones"] is None
+    # offline image quality: SCONES samples within 2x of the target-vs-target floor (docs/images.md: 1.15x)
+    ffid = m["feature_fid"]["fid"]
+    assert ffid["scones"] < 2 * ffid["target_floor"] and ffid["source"] > 2 * ffid["target_floor"], ffid
     buf = io.BytesIO((tmp_path / "run" / "samples_grid.png").read_bytes())
     assert Image.open(buf).size[0] > 0

@@ -21,6 +21,7 @@ This module is pure library: it imports neither the app (:mod:`experiments`) nor
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -32,12 +33,14 @@ from torch import Tensor
 
 from scones.data.streams import mix_seed
 from scones.ot.dual import violation, violation_matrix
-from scones.sampling.conditional import initial_chains, sample_conditional
+from scones.sampling.conditional import initial_chains, resampled_chains, sample_conditional
 from scones.sampling.langevin import Callback
 from scones.sampling.settings import SamplerSettings, validate_sampler
 
 PriorScore = Callable[[Tensor, int], Tensor]
 
+
+log = logging.getLogger(__name__)
 
 class Coupling:
     """The plan π̂ = H·p⊗q of trained dual potentials, with its sampler.
@@ -82,6 +85,7 @@ class Coupling:
         self.batch_size, self.device, self.n_normalizer = int(batch_size), torch.device(device), int(n_normalizer)
         self.config, self.run_dir = config, None if run_dir is None else Path(run_dir)
         self._log_z: float | None = None
+        self._pool: Tensor | None = None
 
     # ------------------------------------------------------------------------------------------ settings
 
@@ -219,7 +223,21 @@ class Coupling:
         x = self._check_x(x)
         if y_bp is None and self.sampler.init.startswith("bp"):
             y_bp = self.barycentric(x)
+        if self.sampler.init == "resample":
+            pool = self.resample_pool()
+            y0, ess = resampled_chains(self.potentials, x, pool, generator)
+            log.info("sampler.init=resample: effective sample size of the weights H(x, .) on %d pool samples: "
+                     "median %.0f, min %.1f", pool.shape[0], float(ess.median()), float(ess.min()))
+            return y0
         return initial_chains(self.sampler, x, None if y_bp is None else self._tensor(y_bp), generator)
+
+    def resample_pool(self) -> Tensor:
+        """The ``sampler.pool_size`` target samples that ``init: resample`` reweights, drawn once per Coupling
+        (seed 0, so every call and every process resamples the same pool), on :attr:`device`."""
+        if self._pool is None or self._pool.shape[0] != self.sampler.pool_size:
+            pool = self.target.sample(self.sampler.pool_size, generator=torch.Generator().manual_seed(0))
+            self._pool = self._tensor(pool)
+        return self._pool
 
     def n_chunks(self, n: int) -> int:
         """Chunks of ``batch_size`` chains that :meth:`run_chains` splits ``n`` chains into."""

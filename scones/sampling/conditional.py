@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor
 
-from scones.ot.dual import grad_log_compatibility
+from scones.ot.dual import grad_log_compatibility, violation_matrix
 from scones.sampling.langevin import Callback
 from scones.sampling.settings import SamplerSettings, validate_sampler
 
@@ -26,6 +26,7 @@ class ConditionalScore:
 
     ``prior_score(y, level)`` is the target score (exact, or a learned noise-conditional model at σ_level).
     The compatibility term is not annealed with σ (SCONES pitfall P5). ``guidance`` scales it (1 = the method).
+    ``potentials=None`` drops it: ``prior_score`` is then the whole conditional score (oracle studies).
     """
 
     def __init__(
@@ -34,6 +35,8 @@ class ConditionalScore:
         self.prior_score, self.potentials, self.x, self.guidance = prior_score, potentials, x, guidance
 
     def __call__(self, y: Tensor, level: int) -> Tensor:
+        if self.potentials is None:
+            return self.prior_score(y, level)
         return self.prior_score(y, level) + self.guidance * grad_log_compatibility(self.potentials, self.x, y)
 
 
@@ -77,23 +80,69 @@ class ExactPriorScore:
         return self
 
 
+@torch.no_grad()
+def resampled_chains(
+    potentials, x: Tensor, pool: Tensor, generator: torch.Generator | None = None, block_elems: int = 2**24
+) -> tuple[Tensor, Tensor]:
+    """Chain starts drawn from the learned plan itself: y₀ = pool_j with j ~ H(x, pool_j) / Σ_l H(x, pool_l).
+
+    The plan is π(y | x) = H(x, y) q(y), so resampling target samples ``pool`` ~ q with the weights H(x, ·)
+    (sampling-importance-resampling) gives starts whose law tends to the learned π(· | x) as the pool grows: the
+    weights of well-separated modes of the conditional are right from the start, which Langevin alone cannot fix
+    once the barriers between modes are high. Done once per distinct row of ``x`` (protocols repeat each input).
+
+    Returns ``(y0, ess)``: starts shaped like ``x`` and, per row, the effective sample size 1/Σ_j w_j² of its
+    weights; an ESS near 1 means the pool is too small for this λ and dimension (the starts repeat one sample and
+    only the Langevin steps spread them).
+    """
+    n = x.shape[0]
+    uniq, inverse = torch.unique(x.reshape(n, -1), dim=0, return_inverse=True)
+    counts = torch.bincount(inverse, minlength=uniq.shape[0]).tolist()
+    order = torch.argsort(inverse, stable=True)  # chains grouped by distinct source, in input order
+    y0 = torch.empty((n, *pool.shape[1:]), dtype=pool.dtype, device=pool.device)
+    ess = torch.empty(n, dtype=pool.dtype, device=pool.device)
+    step = max(1, block_elems // max(1, pool.shape[0]))
+    done = 0
+    for start in range(0, uniq.shape[0], step):
+        xb = uniq[start : start + step].reshape(-1, *x.shape[1:])
+        w = torch.softmax(potentials.regularizer.log_density(violation_matrix(potentials, xb, pool)), dim=1)
+        if not torch.isfinite(w).all():
+            raise ValueError("sampler.init=resample: H(x, ·) is zero or not finite on the whole pool for some x")
+        cb = counts[start : start + step]
+        idx = torch.multinomial(w.cpu(), max(cb), replacement=True, generator=generator).to(pool.device)
+        for r, c in enumerate(cb):
+            rows = order[done : done + c]
+            y0[rows] = pool[idx[r, :c]]
+            ess[rows] = 1.0 / (w[r] ** 2).sum()
+            done += c
+    return y0, ess
+
+
 def initial_chains(
     sampler: SamplerSettings | Mapping,
     x: Tensor,
     y_bp: Tensor | None = None,
     generator: torch.Generator | None = None,
+    potentials=None,
+    pool: Tensor | None = None,
 ) -> Tensor:
     """Starting points y₀ of the conditional chains, one per row of ``x`` (same shape as ``x``).
 
     ``sampler.init``: ``source`` (y₀ = x, the Swiss-roll code), ``bp`` (y₀ = T(x), the Gaussian code),
-    ``bp_noise`` (T(x) + s·z, the image code) or ``noise`` (s·z), s = ``sampler.start_noise`` (annealed: the σ of
-    the first level run; ULA: ``init_noise``). ``y_bp`` = T(x) is needed only by the ``bp*`` inits. The noise is
-    drawn on the CPU from ``generator`` and moved to ``x``'s device.
+    ``bp_noise`` (T(x) + s·z, the image code), ``noise`` (s·z), s = ``sampler.start_noise`` (annealed: the σ of
+    the first level run; ULA: ``init_noise``), or ``resample`` (target samples ``pool`` resampled with the weights
+    H(x, ·) of ``potentials``: :func:`resampled_chains`). ``y_bp`` = T(x) is needed only by the ``bp*`` inits,
+    ``potentials`` and ``pool`` only by ``resample``. The noise is drawn on the CPU from ``generator`` and moved to
+    ``x``'s device.
     """
     sampler = validate_sampler(sampler)
     init = sampler.init
     if init == "source":
         return x.clone()
+    if init == "resample":
+        if potentials is None or pool is None:
+            raise ValueError("sampler.init=resample needs the dual potentials and a pool of target samples")
+        return resampled_chains(potentials, x, pool.to(x.device, x.dtype), generator)[0]
     if init.startswith("bp") and y_bp is None:
         raise ValueError(f"sampler.init={init} needs the barycentric projection T(x); none was given")
     if init == "bp":

@@ -24,8 +24,10 @@ from scones.sampling.langevin import Callback, ScoreFn, annealed_langevin, ula
 from scones.sampling.schedules import geometric_sigmas
 from scones.settings import Auto, Count, NonNegativeFloat, NonNegativeInt, PositiveFloat, Settings, by_kind, order_error
 
-Init = Literal["source", "bp", "bp_noise", "noise"]
-"""Chain start y₀: x, T(x), T(x) + s·z or s·z with s = :attr:`SamplerSettings.start_noise`."""
+Init = Literal["source", "bp", "bp_noise", "noise", "resample"]
+"""Chain start y₀: x, T(x), T(x) + s·z or s·z with s = :attr:`SamplerSettings.start_noise`, or ``resample``:
+``pool_size`` target samples resampled with the weights H(x, ·)
+(:func:`scones.sampling.conditional.resampled_chains`)."""
 INITS: tuple[str, ...] = get_args(Init)
 
 
@@ -35,6 +37,7 @@ class SamplerSettings(Settings):
     kind: str
     init: Init
     guidance: NonNegativeFloat = 1.0
+    pool_size: Count = 10000  # target samples resampled by ``init: resample``
 
     @property
     def start_noise(self) -> float:

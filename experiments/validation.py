@@ -7,7 +7,7 @@ What is checked:
 
 - the schema (:mod:`experiments.schema`, pydantic models per group): types and ranges (``dual.lr=-1`` →
   ``dual.lr=-1 must be a number > 0``), missing keys (``dual.lr is missing; expected a number > 0``), closed
-  vocabularies (``sampler.init='foo' is not one of source, bp, bp_noise, noise``), the rules inside a group
+  vocabularies (``sampler.init='foo' is not one of source, bp, bp_noise, noise, resample``), the rules inside a group
   (``sigma_max >= sigma_min``, ``skip_levels < n_levels``); a value that came through an interpolation also
   names the key it came from (``data.eps=-1 ... makes regularizer.lam=-2 ...``);
 - rules across groups: data.source vs data.target ``dim``/``size``, λ of the built-in regularisers,

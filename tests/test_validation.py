@@ -235,7 +235,8 @@ def test_cli_bad_value_is_one_line_and_creates_no_run_dir(tmp_path):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert r.returncode == 2, r.stderr
-    assert r.stderr.strip().splitlines() == ["error: sampler.init='foo' is not one of source, bp, bp_noise, noise"]
+    expected = "error: sampler.init='foo' is not one of source, bp, bp_noise, noise, resample"
+    assert r.stderr.strip().splitlines() == [expected]
     assert not list(tmp_path.iterdir())  # Hydra never got to create the run directory
 
 

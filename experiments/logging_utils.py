@@ -3,7 +3,8 @@
 - :class:`ResumableCSVLogger`: Lightning's CSV logger deletes ``metrics.csv`` when it is reopened; this one keeps
   the rows of the interrupted session up to the resumed checkpoint's step and appends after them.
 - :class:`Tracker`: one W&B run per pipeline run (``logger=wandb``; rank 0 only): the resolved config, the
-  training losses of every stage under ``<stage>/...`` (each against its own ``<stage>/step`` axis), the
+  training losses of every stage as ``<stage>-train/...`` (Lightning's ``WandbLogger``, each against the
+  stage's own ``trainer/global_step``), the
   evaluation metrics (summary + a per-method table), the run's PNGs as images, and ``samples.npz`` /
   ``metrics.json`` / each stage's ``final.pt`` as artifacts. Without ``logger.wandb`` every method is a no-op,
   and ``wandb`` is not imported. The mode comes from ``WANDB_MODE`` (online | offline | disabled).
@@ -14,7 +15,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import logging
 import math
@@ -217,64 +217,6 @@ class ResumableCSVLogger(CSVLogger):
 # --------------------------------------------------------------------------------------------- W&B
 
 
-class StageWandbLogger(Logger):
-    """Lightning logger that writes a stage's metrics into an existing W&B run as ``<stage>/<key>``.
-
-    Each stage gets its own x-axis ``<stage>/step`` (stages restart at step 0, so W&B's global step is not
-    used). Under ``ddp_spawn`` the run is re-attached in the worker via ``wandb._attach``.
-    """
-
-    def __init__(self, run, stage: str) -> None:
-        super().__init__()
-        self._run, self.stage = run, stage
-        self._attach_id = getattr(run, "_attach_id", None)
-        self._define()
-
-    def _define(self) -> None:
-        define = getattr(self._run, "define_metric", None)
-        if define is not None:
-            define(f"{self.stage}/step")
-            define(f"{self.stage}/*", step_metric=f"{self.stage}/step")
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_run"] = None
-        return state
-
-    @property
-    def run(self):
-        if self._run is None:
-            import wandb
-
-            if wandb.run is not None:
-                self._run = wandb.run
-            elif self._attach_id is not None:
-                self._run = wandb._attach(self._attach_id)
-        return self._run
-
-    @property
-    def name(self) -> str:
-        return f"wandb-{self.stage}"
-
-    @property
-    def version(self) -> str:
-        return str(getattr(self._run, "id", "0"))
-
-    @rank_zero_only
-    def log_hyperparams(self, params, *args, **kwargs) -> None:
-        pass  # the whole resolved config is the run's config
-
-    @rank_zero_only
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        run = self.run
-        if run is None:
-            return
-        row = {f"{self.stage}/{k.removeprefix('train/')}": float(v) for k, v in metrics.items() if k != "epoch"}
-        if step is not None:
-            row[f"{self.stage}/step"] = int(step)
-        run.log(row)
-
-
 class Tracker:
     """Run-level tracking (see module docstring). Build with :meth:`from_config`; always call :meth:`finish`."""
 
@@ -312,7 +254,16 @@ class Tracker:
         return cls(run, opts)
 
     def stage_loggers(self, stage: str) -> list[Logger]:
-        return [StageWandbLogger(self.run, stage)] if self.enabled else []
+        """Lightning's ``WandbLogger`` on this run, keys prefixed ``<stage>-`` (``dual-train/loss``), plotted against
+        the stage's own ``trainer/global_step`` (stages restart at 0); under ``ddp_spawn`` Lightning re-attaches the
+        workers to the run."""
+        if not self.enabled:
+            return []
+        from pytorch_lightning.loggers import WandbLogger
+
+        self.run.define_metric("trainer/global_step")
+        self.run.define_metric(f"{stage}-*", step_metric="trainer/global_step")
+        return [WandbLogger(experiment=self.run, prefix=stage)]
 
     def log_results(self, metrics: dict, run_dir: Path, stages: dict) -> None:
         """Evaluation metrics (summary + ``eval/`` history + ``eval/methods`` table), PNGs and artifacts."""
@@ -353,22 +304,3 @@ class Tracker:
         if self.run is not None:
             run, self.run = self.run, None
             run.finish(exit_code=exit_code)
-
-
-_ACTIVE = Tracker(None)
-
-
-def active_tracker() -> Tracker:
-    """The tracker of the pipeline run in progress (a no-op tracker outside :func:`tracking`)."""
-    return _ACTIVE
-
-
-@contextlib.contextmanager
-def tracking(tracker: Tracker):
-    """Make ``tracker`` the :func:`active_tracker` (training stages add its loggers) for the block."""
-    global _ACTIVE
-    previous, _ACTIVE = _ACTIVE, tracker
-    try:
-        yield tracker
-    finally:
-        _ACTIVE = previous

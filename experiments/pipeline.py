@@ -33,7 +33,7 @@ from experiments.distributed import (
     is_rank_zero,
     world_size,
 )
-from experiments.logging_utils import SamplingProgress, Tracker, tracking
+from experiments.logging_utils import SamplingProgress, Tracker
 from experiments.schema import RunConfig
 from experiments.stages import Stage, make_stage, run_training_stage
 from experiments.validation import ConfigError, validate_config
@@ -136,7 +136,9 @@ def online_sinkhorn_dual(cfg: DictConfig, stage: Stage, source, target, cost, re
     return pot
 
 
-def dual_stage(cfg: DictConfig, source, target, cost, regularizer) -> tuple[Any, Stage]:
+def dual_stage(
+    cfg: DictConfig, source, target, cost, regularizer, tracker: Tracker | None = None
+) -> tuple[Any, Stage]:
     stage = make_stage(cfg, "dual", cfg.dual, cfg.data, cfg.cost, cfg.regularizer, cfg.seed)
     if cfg.dual.kind == "online_sinkhorn":
         return online_sinkhorn_dual(cfg, stage, source, target, cost, regularizer), stage
@@ -151,7 +153,7 @@ def dual_stage(cfg: DictConfig, source, target, cost, regularizer) -> tuple[Any,
         **health_logging(cfg, source, target),
     )
     loader = stream_loader([source, target], cfg.dual.batch_size, _seed(cfg, 1), cfg.get("num_workers", 0))
-    run_training_stage(cfg, stage, module, loader, int(cfg.dual.steps), pot)
+    run_training_stage(cfg, stage, module, loader, int(cfg.dual.steps), pot, tracker)
     calibrate_dual(cfg, pot, source, target)
     return pot, stage
 
@@ -249,7 +251,9 @@ def calibrate_dual(cfg: DictConfig, pot, source, target) -> None:
     log.info("dual: calibrated E[H] = 1 on %d x %d pairs (phi shifted by %.4g)", n, n, -k)
 
 
-def score_stage(cfg: DictConfig, target, settings: RunConfig) -> tuple[Any, Stage | None]:
+def score_stage(
+    cfg: DictConfig, target, settings: RunConfig, tracker: Tracker | None = None
+) -> tuple[Any, Stage | None]:
     """Returns ``prior_score(y, level)`` and the stage (None when the target's exact score is used).
 
     ``settings`` are the run's typed settings (``settings.score``, ``settings.sampler``); ``cfg`` gives the score
@@ -272,7 +276,7 @@ def score_stage(cfg: DictConfig, target, settings: RunConfig) -> tuple[Any, Stag
         callbacks=images.score_callbacks(cfg, stage.dir, target),
     )
     loader = stream_loader([target], sc.batch_size, settings.seed + 11, settings.num_workers)
-    run_training_stage(cfg, stage, module, loader, sc.steps, module)
+    run_training_stage(cfg, stage, module, loader, sc.steps, module, tracker)
     module.eval()
     return conditional.LearnedPriorScore.for_sampler(module, settings.sampler), stage
 
@@ -304,7 +308,9 @@ def sampler_settings(cfg: DictConfig) -> SamplerSettings:
     return validate_sampler(OmegaConf.to_container(cfg.sampler, resolve=True))
 
 
-def bp_stage(cfg: DictConfig, source, target, potentials, dual: Stage, settings: RunConfig) -> tuple[Any, Stage]:
+def bp_stage(
+    cfg: DictConfig, source, target, potentials, dual: Stage, settings: RunConfig, tracker: Tracker | None = None
+) -> tuple[Any, Stage]:
     """The barycentric projection T(x) ≈ E_π[y | x] trained with frozen potentials (``settings.bp``)."""
     bp = settings.bp
     stage = make_stage(cfg, "bp", cfg.bp, dual.key, cfg.seed)
@@ -315,7 +321,7 @@ def bp_stage(cfg: DictConfig, source, target, potentials, dual: Stage, settings:
         net, potentials, lr=bp.lr, pairs=bp.pairs, skip_nonfinite=bp.skip_nonfinite, estimator=bp.estimator
     )
     loader = stream_loader([source, target], bp.batch_size, settings.seed + 21, settings.num_workers)
-    run_training_stage(cfg, stage, module, loader, bp.steps, net)
+    run_training_stage(cfg, stage, module, loader, bp.steps, net, tracker)
     net.eval()
     return net, stage
 
@@ -482,12 +488,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
     tracker = Tracker.from_config(cfg, run_dir)
     exit_code = 1
     try:
-        with tracking(tracker):
-            potentials, dual = dual_stage(cfg, source, target, cost, regularizer)
-            with threadpool_limits(limits=1, user_api="blas"):
-                health = assess_dual(cfg, potentials, source, target) if is_rank_zero() else {}
-            prior_score, score = score_stage(cfg, target, settings)
-            bp_net, bp = bp_stage(cfg, source, target, potentials, dual, settings)
+        potentials, dual = dual_stage(cfg, source, target, cost, regularizer, tracker)
+        with threadpool_limits(limits=1, user_api="blas"):
+            health = assess_dual(cfg, potentials, source, target) if is_rank_zero() else {}
+        prior_score, score = score_stage(cfg, target, settings, tracker)
+        bp_net, bp = bp_stage(cfg, source, target, potentials, dual, settings, tracker)
         stages = {"dual": dual, "score": score, "bp": bp}
         if not is_distributed() and not is_rank_zero():
             exit_code = 0  # a launcher rank > 0 whose stages were all cached: rank 0 evaluates alone

@@ -30,7 +30,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from experiments.atomic import atomic_torch_save, atomic_write_json
 from experiments.distributed import is_rank_zero
-from experiments.logging_utils import ResumableCSVLogger, active_tracker, progress_bar
+from experiments.logging_utils import ResumableCSVLogger, Tracker, progress_bar
 from experiments.stage_runtime import (
     AtomicCheckpointIO,
     StageRuntime,
@@ -263,7 +263,7 @@ def run_training_stage(
     train_loader,
     max_steps: int,
     save_module: torch.nn.Module,
-    extra_loggers: list | None = None,
+    tracker: Tracker | None = None,
 ) -> Stage:
     """Train ``module`` for ``max_steps`` unless the stage is cached; always leaves ``save_module`` trained.
 
@@ -303,7 +303,7 @@ def run_training_stage(
         runtime = StageRuntime(
             stage, submodule_path(module, save_module), max_steps, stream, start_step, cfg.get("num_threads")
         )
-        loggers = list(extra_loggers or []) + active_tracker().stage_loggers(stage.name)
+        loggers = tracker.stage_loggers(stage.name) if tracker is not None else []  # + the CSV logger
         trainer = build_trainer(cfg, stage, max_steps, loggers, runtime, resume_step=start_step if ckpt else None)
         if stream is not None and stream.batch_size % max(1, trainer.world_size):
             raise StageError(

@@ -334,13 +334,17 @@ def test_wandb_offline_run_has_losses_metrics_images_and_artifacts(tmp_path, mon
         assert time.time() < deadline, "the offline run log has no exit record"
         time.sleep(0.2)
         recs = wandb_records(run_dir)
-    history = {}
+    history, rows = {}, []
     for r in recs:
         if r.WhichOneof("record_type") == "history":
-            for item in r.history.item:
-                history.setdefault(item.key or "/".join(item.nested_key), []).append(item.value_json)
-    assert {"dual/loss", "dual/mean_H", "dual/step", "bp/loss", "bp/step"} <= set(history)
-    assert [int(s) for s in history["dual/step"]] == [4, 9, 14, 19, 24, 29]  # every log_every_n_steps
+            row = {item.key or "/".join(item.nested_key): item.value_json for item in r.history.item}
+            rows.append(row)
+            for k, v in row.items():
+                history.setdefault(k, []).append(v)
+    # Lightning's WandbLogger, one prefix per stage, each row with its stage's trainer/global_step
+    assert {"dual-train/loss", "dual-train/mean_H", "dual-train/dual", "bp-train/loss"} <= set(history)
+    dual_steps = [int(r["trainer/global_step"]) for r in rows if "dual-train/loss" in r]
+    assert dual_steps == [4, 9, 14, 19, 24, 29]  # every log_every_n_steps
     assert float(history["eval/methods.scones.bw_uvp"][0]) == pytest.approx(metrics["methods"]["scones"]["bw_uvp"])
     (run_rec,) = [r.run for r in recs if r.WhichOneof("record_type") == "run"]
     config = {c.key: json.loads(c.value_json) for c in run_rec.config.update}

@@ -1,7 +1,7 @@
 """Logging for the pipeline: resumable CSV curves, optional W&B tracking, and progress that suits log files.
 
-- :class:`ResumableCSVLogger`: Lightning's CSV logger deletes ``metrics.csv`` when it is reopened; this one keeps
-  the rows of the interrupted session up to the resumed checkpoint's step and appends after them.
+- :func:`stage_csv_logger`: Lightning's ``CSVLogger``, every row flushed at once; on a resume the rows of the
+  interrupted session up to the resumed checkpoint's step are kept and the new ones appended after them.
 - :class:`Tracker`: one W&B run per pipeline run (``logger=wandb``; rank 0 only): the resolved config, the
   training losses of every stage as ``<stage>-train/...`` (Lightning's ``WandbLogger``, each against the
   stage's own ``trainer/global_step``), the
@@ -21,6 +21,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -28,9 +29,6 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.callbacks.progress.progress_bar import ProgressBar
 from pytorch_lightning.loggers import CSVLogger, Logger
-from pytorch_lightning.loggers.csv_logs import ExperimentWriter
-from pytorch_lightning.loggers.logger import rank_zero_experiment
-from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from experiments.atomic import atomic_file
 from experiments.distributed import is_rank_zero
@@ -153,65 +151,34 @@ class SamplingProgress:
 # --------------------------------------------------------------------------------------------- CSV
 
 
-class _ResumingWriter(ExperimentWriter):
-    """CSV writer that truncates an existing ``metrics.csv`` to ``step < resume_step`` instead of deleting it."""
+def stage_csv_logger(save_dir, resume_step: int | None = None, name: str = "logs", version: int = 0) -> CSVLogger:
+    """Lightning's ``CSVLogger`` for a stage's curves (``<save_dir>/<name>/version_<version>/metrics.csv``).
 
-    def __init__(self, log_dir: str, resume_step: int | None) -> None:
-        self.resume_step = resume_step
-        super().__init__(log_dir=log_dir)
-
-    def _check_log_dir_exists(self) -> None:
-        path = Path(self.metrics_file_path)
-        if not path.is_file():
-            return
-        if self.resume_step is None:  # fresh start in a used directory: old curves belong to a dead attempt
-            path.unlink()
-            return
+    Every logged row is written at once (``flush_logs_every_n_steps=1``), so a kill loses no row. Lightning starts a
+    fresh ``metrics.csv`` when it opens the directory (a fresh start drops a dead attempt's curve); on a resume from
+    the checkpoint at global step ``resume_step`` the interrupted session's rows with ``step < resume_step`` are
+    read first and written back under their header, and the resumed rows follow them.
+    """
+    logger = CSVLogger(save_dir, name=name, version=version, flush_logs_every_n_steps=1)
+    path = Path(logger.log_dir) / "metrics.csv"
+    kept = None
+    if resume_step is not None and is_rank_zero() and path.is_file():
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
-            keys = list(reader.fieldnames or [])
-            rows = [r for r in reader if r.get("step") not in (None, "") and int(float(r["step"])) < self.resume_step]
+            kept = list(reader.fieldnames or []), [
+                r for r in reader if r.get("step") not in (None, "") and int(float(r["step"])) < resume_step
+            ]
+    with warnings.catch_warnings():  # "... will be deleted": the rows to keep are in hand
+        warnings.filterwarnings("ignore", message="Experiment logs directory")
+        writer = logger.experiment  # opens the directory: Lightning removes the old metrics.csv
+    if kept is not None:
+        keys, rows = kept
         with atomic_file(path, "w") as f:
-            writer = csv.DictWriter(f, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(rows)
-        self.metrics_keys = keys
-
-
-class ResumableCSVLogger(CSVLogger):
-    """``CSVLogger(save_dir, name, version)`` that resumes an existing ``metrics.csv`` instead of deleting it.
-
-    With ``resume_step`` set, rows with ``step >= resume_step`` (logged after the checkpoint being resumed,
-    hence about to be recomputed) are dropped, earlier rows are kept and new rows are appended under the same
-    header. Without it an old ``metrics.csv`` is removed (a fresh start).
-    """
-
-    def __init__(self, save_dir, name: str = "logs", version: int | str = 0, resume_step: int | None = None,
-                 **kwargs) -> None:
-        super().__init__(save_dir=save_dir, name=name, version=version, **kwargs)
-        self.resume_step = resume_step
-
-    def after_save_checkpoint(self, checkpoint_callback) -> None:
-        # Lightning hands a step's row to the loggers *after* the checkpoint callbacks of that step, so the
-        # row of step G-1 (the last one a resume from global_step G does not recompute) arrives next: flush
-        # now and again after that row, so a kill between checkpoints loses no row before the checkpoint.
-        self.save()
-        self._flush_next = True
-
-    @rank_zero_only
-    def log_metrics(self, metrics, step: int | None = None) -> None:
-        super().log_metrics(metrics, step)
-        if getattr(self, "_flush_next", False):
-            self._flush_next = False
-            self.save()
-
-    @property
-    @rank_zero_experiment
-    def experiment(self) -> ExperimentWriter:
-        if self._experiment is None:
-            self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _ResumingWriter(self.log_dir, self.resume_step)
-        return self._experiment
+            out = csv.DictWriter(f, fieldnames=keys)
+            out.writeheader()
+            out.writerows(rows)
+        writer.metrics_keys = keys  # later rows are appended under this header
+    return logger
 
 
 # --------------------------------------------------------------------------------------------- W&B

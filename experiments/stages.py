@@ -30,7 +30,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from experiments.atomic import atomic_torch_save, atomic_write_json
 from experiments.distributed import is_rank_zero
-from experiments.logging_utils import ResumableCSVLogger, Tracker, progress_bar
+from experiments.logging_utils import Tracker, progress_bar, stage_csv_logger
 from experiments.stage_runtime import (
     AtomicCheckpointIO,
     StageRuntime,
@@ -208,7 +208,7 @@ def build_trainer(
         progress_bar(stage.name, max_steps),
         *([runtime] if runtime is not None else []),
     ]
-    csv_logger = ResumableCSVLogger(save_dir=str(stage.dir), name="logs", version=0, resume_step=resume_step)
+    csv_logger = stage_csv_logger(str(stage.dir), resume_step)
     loggers = [csv_logger] + list(extra_loggers or [])
     return pl.Trainer(
         accelerator=tcfg.accelerator,

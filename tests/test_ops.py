@@ -26,7 +26,7 @@ import torch
 from hydra import compose, initialize
 from torch.utils.data import DataLoader
 
-from experiments.logging_utils import ProgressLine, ResumableCSVLogger
+from experiments.logging_utils import ProgressLine, stage_csv_logger
 from experiments.run import objective, register_resolvers
 from experiments.stage_runtime import AtomicCheckpointIO
 from experiments.stages import Stage, StageError, resume_point
@@ -131,10 +131,10 @@ def _write_csv(path, steps):
             w.writerow([0, s, float(s)])
 
 
-def test_resumable_csv_keeps_rows_before_the_checkpoint_and_appends(tmp_path):
+def test_stage_csv_keeps_rows_before_the_checkpoint_and_appends(tmp_path):
     f = tmp_path / "logs" / "version_0" / "metrics.csv"
     _write_csv(f, [24, 49, 74, 99])  # killed after step 99, last checkpoint at global_step 50
-    logger = ResumableCSVLogger(tmp_path, name="logs", version=0, resume_step=50)
+    logger = stage_csv_logger(tmp_path, resume_step=50)
     logger.log_metrics({"train/loss": 74.5, "epoch": 0}, step=74)
     logger.save()
     rows = list(csv.DictReader(open(f)))
@@ -142,7 +142,7 @@ def test_resumable_csv_keeps_rows_before_the_checkpoint_and_appends(tmp_path):
     assert float(rows[-1]["train/loss"]) == 74.5
     # a fresh start (no checkpoint) drops the dead attempt's curve
     _write_csv(f, [24, 49])
-    fresh = ResumableCSVLogger(tmp_path, name="logs", version=0, resume_step=None)
+    fresh = stage_csv_logger(tmp_path, resume_step=None)
     fresh.log_metrics({"train/loss": 1.0}, step=0)
     fresh.save()
     assert [int(r["step"]) for r in csv.DictReader(open(f))] == [0]

@@ -203,7 +203,7 @@ def test_score_module_ema_is_checkpointed_restored_and_used_for_sampling(tmp_pat
     # registered after step 1, then 3 updates: shadow = Σ over the last weights with EMA weights (decay 0.5),
     # so it differs from the raw weights (lr 1e-2 moves them) and from the initial weights
     name = "body.begin_conv.weight"
-    shadow, raw = module.ema.shadow[name], dict(module.net.named_parameters())[name]
+    shadow, raw = module.ema.shadow()[name], dict(module.net.named_parameters())[name]
     assert not torch.allclose(shadow, raw) and not torch.allclose(shadow, before[name])
     # in the Lightning checkpoint and in state_dict (final.pt), restored into a module built without EMA
     ckpt = torch.load(tmp_path / "last.ckpt", weights_only=False)
@@ -214,7 +214,9 @@ def test_score_module_ema_is_checkpointed_restored_and_used_for_sampling(tmp_pat
     # sampling uses the averaged weights: score == a net carrying the shadow weights
     averaged = NCSN(1, ngf=4, sigmas=sig)
     averaged.load_state_dict(module.net.state_dict())
-    module.ema.copy_to(averaged)
+    with torch.no_grad():
+        for n, p in averaged.named_parameters():
+            p.copy_(module.ema.shadow()[n])
     y = torch.rand(3, 1, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(fresh.score(y, 2), averaged(y, 2))

@@ -327,31 +327,34 @@ def test_ema_closed_form_pickle_and_state_dict():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
     ema = EMA(model, decay=0.9)
-    theta0 = {k: v.clone() for k, v in ema.shadow.items()}
+    ema.update_parameters(model)  # the first update copies the weights (torch's AveragedModel)
+    theta0 = {k: v.clone() for k, v in ema.shadow().items()}
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
     for _ in range(20):
-        ema.update(model)
+        ema.update_parameters(model)
     # shadow_k = θ + μ^k (θ_0 − θ)
     for name, p in model.named_parameters():
-        torch.testing.assert_close(ema.shadow[name], p + 0.9**20 * (theta0[name] - p))
-    clone = pickle.loads(pickle.dumps(ema))
-    assert clone.decay == 0.9 and all(torch.equal(clone.shadow[k], ema.shadow[k]) for k in ema.shadow)
-    restored = EMA(decay=0.5)
-    restored.load_state_dict(ema.state_dict())
-    assert restored.decay == 0.9
+        torch.testing.assert_close(ema.shadow()[name], p + 0.9**20 * (theta0[name] - p))
+    clone = pickle.loads(pickle.dumps(ema))  # spawn-safe: the update closure is rebuilt from decay
+    assert clone.decay == 0.9 and all(torch.equal(clone.shadow()[k], v) for k, v in ema.shadow().items())
+    clone.update_parameters(model)
+    ema.update_parameters(model)
+    assert all(torch.equal(clone.shadow()[k], v) for k, v in ema.shadow().items())
+    restored = EMA(model, decay=0.5)
+    restored.load_ema_state(ema.ema_state())
+    assert restored.decay == 0.9 and restored.started
     running = model[1].running_mean.clone()
-    averaged = restored.averaged_copy(model)
-    assert torch.equal(averaged[0].weight, ema.shadow["0.weight"]) and not torch.equal(
+    averaged = restored.averaged(model)
+    assert torch.equal(averaged[0].weight, ema.shadow()["0.weight"]) and not torch.equal(
         model[0].weight, averaged[0].weight
     )
     for _ in range(300):
-        ema.update(model)
-    ema.copy_to(model)
+        ema.update_parameters(model)
     for name, p in model.named_parameters():
-        torch.testing.assert_close(p, theta0[name] + 1.0, atol=1e-6, rtol=0)  # converged to the weights
-    assert torch.equal(model[1].running_mean, running)  # buffers untouched
+        torch.testing.assert_close(ema.shadow()[name], p, atol=1e-6, rtol=0)  # converged to the weights
+    assert torch.equal(model[1].running_mean, running)  # the model's buffers are untouched
 
 
 # ------------------------------------------------------------------------------------------------ FID

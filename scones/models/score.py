@@ -81,10 +81,15 @@ class ScoreModule(StageModule):
         super().__init__(lr, skip_nonfinite)
         self.net = net
         self.register_buffer("sigmas", torch.as_tensor(sigmas, dtype=torch.float32))
-        # registered on the first optimizer step; empty until then (sampling refuses an empty average)
-        self.ema: EMA | None = None if ema_decay is None else EMA(decay=ema_decay)
+        # in a list, not a registered submodule: the optimiser never sees it and the state_dict keeps the plain
+        # ``_extra_state["ema"] = {decay, shadow}`` format (older final.pt files load); starts on the first step
+        self._ema: list[EMA] = [] if ema_decay is None else [EMA(net, ema_decay)]
         self._extra_callbacks = list(callbacks or [])
-        self._averaged: list[nn.Module] = []  # cached EMA copy of ``net`` (a list: not a registered submodule)
+
+    @property
+    def ema(self) -> EMA | None:
+        """The EMA of ``net`` (:class:`scones.nets.ema.EMA`, torch's ``AveragedModel``), or None."""
+        return self._ema[0] if self._ema else None
 
     def loss(self, batch):
         y = batch[-1] if isinstance(batch, (tuple, list)) else batch
@@ -96,33 +101,33 @@ class ScoreModule(StageModule):
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)
         if self.ema is not None:  # before any callback (checkpoint) sees the step
-            self.ema.update(self.net)
-            self._averaged.clear()
+            self.ema.update_parameters(self.net)
 
     # EMA persistence: nn.Module's extra state travels with state_dict() (Lightning checkpoints, final.pt)
     def get_extra_state(self) -> dict:
-        return {} if self.ema is None else {"ema": self.ema.state_dict()}
+        if self.ema is None:
+            return {}
+        return {"ema": self.ema.ema_state() if self.ema.started else {"decay": self.ema.decay, "shadow": {}}}
 
     def set_extra_state(self, state: dict) -> None:
         if state and state.get("ema") is not None:
             if self.ema is None:  # weights trained with EMA loaded into a module built without it
-                self.ema = EMA(decay=float(state["ema"]["decay"]))
-            self.ema.load_state_dict(state["ema"])
-            self._averaged.clear()
+                self._ema = [EMA(self.net, float(state["ema"]["decay"]))]
+            if state["ema"]["shadow"]:
+                self.ema.load_ema_state(state["ema"])
 
-    def _apply(self, fn, *args, **kwargs):  # .to(device) / .double(): rebuild the EMA copy lazily
-        getattr(self, "_averaged", []).clear()
+    def _apply(self, fn, *args, **kwargs):  # .to(device) / .double() move the EMA with the module
+        for ema in getattr(self, "_ema", []):
+            ema._apply(fn, *args, **kwargs)
         return super()._apply(fn, *args, **kwargs)
 
     def sampling_net(self) -> nn.Module:
-        """The network used by :meth:`score`: the EMA-averaged copy (eval mode) if EMA is on, else ``net``."""
+        """The network used by :meth:`score`: the EMA-averaged network (eval mode) if EMA is on, else ``net``."""
         if self.ema is None:
             return self.net
-        if not self.ema.shadow:
+        if not self.ema.started:
             raise RuntimeError("ScoreModule: EMA is on but holds no averaged weights (not trained or not restored)")
-        if not self._averaged:
-            self._averaged.append(self.ema.averaged_copy(self.net).eval().requires_grad_(False))
-        return self._averaged[0]
+        return self.ema.averaged(self.net)
 
     def score(self, y: Tensor, level: int | float) -> Tensor:
         """s_θ(y, σ) for a whole batch: ``level`` an int index into ``sigmas`` or a float σ."""

@@ -1,107 +1,92 @@
-"""Exponential moving average (EMA) of model weights, as used for NCSNv2 (decay 0.999).
+"""Exponential moving average (EMA) of model weights, as used for NCSNv2 (decay 0.999): torch's own
+:class:`~torch.optim.swa_utils.AveragedModel` with :func:`~torch.optim.swa_utils.get_ema_multi_avg_fn`.
 
-Update rule, applied to every floating-point parameter that requires grad:
+Update rule, applied to every parameter after each optimiser step (:meth:`EMA.update_parameters`):
 
     shadow ← decay · shadow + (1 − decay) · θ,
 
-so after k updates with fixed θ, ``shadow = θ + decay^k (shadow_0 − θ)``. Buffers (e.g. the ``sigmas``
-schedule) are not averaged.
+the first call copying θ, so after k further updates with fixed θ, ``shadow = θ + decay^k (shadow_0 − θ)``.
+Buffers are not averaged (``use_buffers=False``); :meth:`EMA.averaged` hands out the averaged network with the
+live model's current buffers.
 
-The class is a plain Python object (a float and a dict of tensors, no closures), so it pickles and works
-under ``ddp_spawn``; :class:`scones.models.score.ScoreModule` keeps it in its ``state_dict`` (``_extra_state``),
-hence in Lightning checkpoints and the stage's ``final.pt``. Models wrapped in
-``DistributedDataParallel``/``DataParallel`` are unwrapped.
+:class:`EMA` only adds what the project needs on top: it pickles (``get_ema_multi_avg_fn`` returns a closure, which
+``ddp_spawn`` could not pickle; it is rebuilt from ``decay`` on unpickling), and it reads and writes the plain
+``{"decay", "shadow"}`` state that :class:`scones.models.score.ScoreModule` keeps in its ``state_dict``
+(``_extra_state``), so weights-only checkpoints and ``final.pt`` files written before the switch still load.
 """
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel) else model
 
 
-def _tracked(model: nn.Module) -> dict[str, Tensor]:
-    return {
-        name: p
-        for name, p in _unwrap(model).named_parameters()
-        if p.requires_grad and torch.is_floating_point(p)
-    }
+class EMA(AveragedModel):
+    """EMA of ``model``'s parameters (``decay`` μ in ``shadow ← μ·shadow + (1 − μ)·θ``; 0 copies θ each update).
 
-
-class EMA:
-    """EMA of a model's trainable parameters.
-
-    Args:
-        model: optional model to register immediately (its current weights become the shadow).
-        decay: μ in ``shadow ← μ·shadow + (1 − μ)·θ``; 0 copies the weights at every update.
+    The averaged copy is ``self.module``; nothing is averaged until the first :meth:`update_parameters` (which
+    copies the weights), as torch's ``AveragedModel`` does. Models wrapped in DDP/DataParallel are unwrapped.
     """
 
-    def __init__(self, model: nn.Module | None = None, decay: float = 0.999) -> None:
+    def __init__(self, model: nn.Module, decay: float = 0.999) -> None:
         decay = float(decay)
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
+        super().__init__(_unwrap(model), multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False)
         self.decay = decay
-        self.shadow: dict[str, Tensor] = {}
-        if model is not None:
-            self.register(model)
+        self.requires_grad_(False)
 
-    def register(self, model: nn.Module) -> None:
-        """Start averaging from the model's current weights."""
-        self.shadow = {name: p.detach().clone() for name, p in _tracked(model).items()}
+    @property
+    def started(self) -> bool:
+        """True once the average holds weights (after the first update or a restored state)."""
+        return int(self.n_averaged) > 0
 
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """One EMA step towards the model's current weights (registers the model on first use)."""
-        if not self.shadow:
-            self.register(model)
-            return
-        for name, p in _tracked(model).items():
-            if name not in self.shadow:
-                raise KeyError(f"EMA has no shadow for parameter {name!r}; call `register(model)` first")
-            s = self.shadow[name]
-            if s.device != p.device:
-                s = self.shadow[name] = s.to(p.device)
-            s.lerp_(p.detach(), 1.0 - self.decay)
+    def update_parameters(self, model: nn.Module) -> None:
+        super().update_parameters(_unwrap(model))
 
     @torch.no_grad()
-    def copy_to(self, model: nn.Module) -> None:
-        """Overwrite the model's tracked parameters with the averaged ones."""
-        params = _tracked(model)
-        missing = set(params) - set(self.shadow)
-        if missing:
-            raise KeyError(
-                f"EMA shadow lacks parameters {sorted(missing)[:5]}; was it registered on this model?"
-            )
-        for name, p in params.items():
-            p.copy_(self.shadow[name].to(p.device))
+    def averaged(self, model: nn.Module) -> nn.Module:
+        """The averaged network (eval mode) with ``model``'s current buffers (e.g. noise schedules)."""
+        for mine, theirs in zip(self.module.buffers(), _unwrap(model).buffers(), strict=True):
+            mine.copy_(theirs)
+        return self.module.eval()
 
-    def averaged_copy(self, model: nn.Module) -> nn.Module:
-        """A deep copy of ``model`` (unwrapped) carrying the averaged weights; ``model`` is untouched."""
-        clone = copy.deepcopy(_unwrap(model))
-        self.copy_to(clone)
-        return clone
+    def shadow(self) -> dict[str, Tensor]:
+        """The averaged parameters by name."""
+        return {name: p.detach() for name, p in self.module.named_parameters()}
 
-    def to(self, device: torch.device | str) -> EMA:
-        self.shadow = {k: v.to(device) for k, v in self.shadow.items()}
-        return self
+    def ema_state(self) -> dict[str, Any]:
+        """``{"decay", "shadow"}``: the averaged parameters by name (the format of ``_extra_state["ema"]``)."""
+        return {"decay": self.decay, "shadow": {k: v.clone() for k, v in self.shadow().items()}}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"decay": self.decay, "shadow": {k: v.detach().clone() for k, v in self.shadow.items()}}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    @torch.no_grad()
+    def load_ema_state(self, state: dict[str, Any]) -> None:
         if set(state) != {"decay", "shadow"}:
             raise KeyError(f"EMA state must have keys 'decay' and 'shadow', got {sorted(state)}")
+        params = dict(self.module.named_parameters())
+        if set(params) != set(state["shadow"]):
+            raise KeyError(f"EMA state does not fit the model: {sorted(set(params) ^ set(state['shadow']))[:5]}")
+        for name, p in params.items():
+            p.copy_(state["shadow"][name])
+        self.n_averaged.fill_(1)
         self.decay = float(state["decay"])
-        self.shadow = {k: v.detach().clone() for k, v in state["shadow"].items()}
+        self.multi_avg_fn = get_ema_multi_avg_fn(self.decay)
 
-    def __repr__(self) -> str:
-        return f"EMA(decay={self.decay}, tensors={len(self.shadow)})"
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("multi_avg_fn", None)  # a closure: rebuilt from decay in __setstate__
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.multi_avg_fn = get_ema_multi_avg_fn(self.decay)
 
 
 __all__ = ["EMA"]

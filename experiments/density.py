@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 
 from experiments.evaluation import gaussian_truth
 from scones.coupling import Coupling
@@ -49,6 +48,7 @@ class GaussianPlan:
     source_cov: np.ndarray
     target_cov: np.ndarray
     dim: int
+    params: dict  # gaussian_truth's dict: covariances, summed-cost λ, non-zero means
 
     @classmethod
     def from_truth(cls, truth: dict) -> GaussianPlan:
@@ -56,7 +56,22 @@ class GaussianPlan:
         a, b, lam = truth["source_cov"], truth["target_cov"], truth["lam"]
         cond = entropic_conditional(a, b, lam, truth.get("source_mean"), truth.get("target_mean"))
         joint = Gaussian(mean=np.concatenate([cond.mean_a, cond.mean_b]), cov=entropic_joint_covariance(a, b, lam))
-        return cls(joint=joint, conditional=cond, source_cov=np.asarray(a), target_cov=np.asarray(b), dim=len(a))
+        return cls(joint=joint, conditional=cond, source_cov=np.asarray(a), target_cov=np.asarray(b), dim=len(a),
+                   params=dict(truth))
+
+    @property
+    def lam(self) -> float:
+        """λ of the equivalent summed-cost problem."""
+        return float(self.params["lam"])
+
+    @property
+    def has_mean(self) -> bool:
+        """True when a marginal has a non-zero mean (BW-UVP then compares means too)."""
+        return "source_mean" in self.params
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The closed form's parameters as arrays (``samples.npz``: source_cov, target_cov, lam, means)."""
+        return {k: np.asarray(v) for k, v in self.params.items()}
 
     @property
     def mutual_information(self) -> float:
@@ -208,27 +223,22 @@ def plot_density_slice(path: Path, coupling: Coupling, truth: GaussianPlan, grid
 # --------------------------------------------------------------------------------------------- stage hook
 
 
-def evaluate(cfg: DictConfig, run_dir: Path, source, target, cost, regularizer, potentials, seed: int) -> dict | None:
+def evaluate(opts, run_dir: Path, coupling: Coupling, truth: GaussianPlan | None, seed: int) -> dict | None:
     """The ``density`` section (None when p or q has no ``log_prob``); writes ``density_slice.png`` if π* is known.
 
-    Settings ``eval.density.{n_pairs, n_kl, grid}`` (defaults in ``configs/eval/default.yaml``).
+    ``opts``: the ``eval.density`` settings ``{n_pairs, n_kl, grid}`` (defaults in ``configs/eval/default.yaml``).
     """
-    params = list(potentials.parameters()) if hasattr(potentials, "parameters") else []
-    device = params[0].device if params else "cpu"
-    coupling = Coupling(potentials, source, target, batch_size=int(cfg.eval.batch_size), device=device)
     if not coupling.has_density:
         return None
-    opts = cfg.eval.density
     g = torch.Generator().manual_seed(int(seed))
     t0 = time.perf_counter()
-    out = calibration(coupling, int(opts["n_pairs"]), g)
-    truth = plan_truth(source, target, regularizer, cost)
+    out = calibration(coupling, int(opts.n_pairs), g)
     if truth is not None:
         z = out["mean_H"]
         log_z = math.log(z) if 0.0 < z < math.inf else math.nan  # degenerate potentials: report NaN, not crash
-        out.update(kl_to_truth(coupling, truth, int(opts["n_kl"]), log_z, g))
+        out.update(kl_to_truth(coupling, truth, int(opts.n_kl), log_z, g))
         try:
-            plot_density_slice(Path(run_dir) / "density_slice.png", coupling, truth, int(opts["grid"]))
+            plot_density_slice(Path(run_dir) / "density_slice.png", coupling, truth, int(opts.grid))
         except Exception as e:  # a plot must never lose finished metrics
             log.warning("density slice plot failed: %s", e)
     out["seconds"] = round(time.perf_counter() - t0, 2)

@@ -54,19 +54,17 @@ def gather_to_rank_zero(obj):
     return out
 
 
-def evaluation_device(cfg) -> torch.device:
+def evaluation_device(chosen: str | None = None, accelerator: str = "cpu") -> torch.device:
     """Device of the evaluate stage's networks and Langevin chains.
 
-    ``eval.device`` when set (``cpu``, ``cuda``, ``cuda:N``); else the trainer's: CUDA when
-    ``trainer.accelerator`` is gpu/cuda/auto and a GPU is visible, CPU otherwise. Under DDP each rank takes its
-    local GPU (``LOCAL_RANK``), so sharded chains run on every GPU at once.
+    ``chosen`` (``eval.device``) when set (``cpu``, ``cuda``, ``cuda:N``); else the trainer's: CUDA when
+    ``accelerator`` (``trainer.accelerator``) is gpu/cuda/auto and a GPU is visible, CPU otherwise. Under DDP each
+    rank takes its local GPU (``LOCAL_RANK``), so sharded chains run on every GPU at once.
     """
     import os
 
-    chosen = cfg.eval.get("device") if "eval" in cfg else None
     if chosen is None:
-        accelerator = str(cfg.trainer.get("accelerator", "cpu")) if "trainer" in cfg else "cpu"
-        use_cuda = accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+        use_cuda = str(accelerator) in ("gpu", "cuda", "auto") and torch.cuda.is_available()
         chosen = "cuda" if use_cuda else "cpu"
     device = torch.device(chosen)
     if device.type == "cuda" and device.index is None:

@@ -1,4 +1,7 @@
-"""Metrics, ground-truth arrays and plots of the evaluate stage (``metrics.json`` keys are in the README)."""
+"""Metrics and plots the evaluators call (:mod:`experiments.evaluators`; ``metrics.json`` keys are in the README).
+
+Every function takes the typed ``eval`` settings (:class:`experiments.schema.Eval`) and the pieces it needs, never
+the config."""
 
 from __future__ import annotations
 
@@ -14,11 +17,8 @@ import numpy as np  # noqa: E402
 import ot  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.collections import LineCollection  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
 
-from scones.metrics.bw_uvp import bw_uvp_samples  # noqa: E402
 from scones.metrics.sample_distances import energy_distance  # noqa: E402
-from scones.ot.gaussian import entropic_conditional, entropic_joint_covariance  # noqa: E402
 from scones.ot.regularizers import KL  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -47,22 +47,18 @@ def gaussian_truth(source, target, regularizer, cost) -> dict | None:
     return truth
 
 
-def ground_truth_arrays(source, target, regularizer, cost) -> dict:
-    truth = gaussian_truth(source, target, regularizer, cost)
-    return {} if truth is None else {k: np.asarray(v) for k, v in truth.items()}
-
-
-def pot_plan_reference(cfg: DictConfig, source, target, cost, regularizer, g) -> torch.Tensor | None:
+def pot_plan_reference(settings, problem, g) -> torch.Tensor | None:
     """Joint samples (x, y) ~ POT's discrete entropic plan between ``eval.pot_reference_n`` fixed samples.
 
     Only for KL and flat vectors of dimension ≤ ``eval.pot_reference_max_dim`` (an O(n²) plan); else None.
     """
     from scones.ot.discrete import sinkhorn
 
-    n_ref = int(cfg.eval.get("pot_reference_n", 1000))
+    source, target, cost, regularizer = problem
+    n_ref = int(settings.pot_reference_n)
     if n_ref <= 0 or not isinstance(regularizer, KL) or len(source.shape) != 1:
         return None
-    if source.shape[0] > int(cfg.eval.get("pot_reference_max_dim", 16)):
+    if source.shape[0] > int(settings.pot_reference_max_dim):
         return None
     xr, yr = source.sample(n_ref, generator=g), target.sample(n_ref, generator=g)
     plan = sinkhorn(xr, yr, regularizer.lam, cost=cost, max_iter=5000, tol=1e-6).plan
@@ -118,14 +114,15 @@ def conditional_energy(x: torch.Tensor, y: torch.Tensor, y_ref: torch.Tensor) ->
     return energy_distance(torch.cat([xf, y.reshape(n, -1)], 1), joint_ref)
 
 
-def conditional_plan_energy(cfg: DictConfig, source, target, cost, regularizer, x: torch.Tensor, ys: dict, g) -> dict:
+def conditional_plan_energy(n_pot: int, problem, x: torch.Tensor, ys: dict, g) -> dict:
     """``methods.<m>.conditional_energy_to_plan``: :func:`conditional_energy` of each method against 4 draws per
     source of :func:`exact_conditional_samples` (POT on ``eval.pot_reference_n`` samples per side). Its floor
     (``pot_reference.conditional_energy_floor``) is the same metric for one draw per source of a second,
     independent reference (other POT samples, atoms and draws): exact-plan samples up to the reference's own
     error. Returns ``{"per_method": {m: value}, "floor": value}``.
     """
-    n_pot, lam = int(cfg.eval.get("pot_reference_n", 1000)), float(regularizer.lam)
+    source, target, cost, regularizer = problem
+    lam = float(regularizer.lam)
     ref = exact_conditional_samples(source, target, cost, lam, x, 4, g, n_pot=n_pot)
     second = exact_conditional_samples(source, target, cost, lam, x, 1, g, n_pot=n_pot)[:, 0]
     return {
@@ -134,34 +131,22 @@ def conditional_plan_energy(cfg: DictConfig, source, target, cost, regularizer, 
     }
 
 
-def coupling_metrics(
-    cfg: DictConfig, source, target, cost, regularizer, x: torch.Tensor, ys: dict, g
-) -> dict:
-    """Per method: mean transport cost, sliced-W2 of the y-marginal to the target, and BW-UVP when exact."""
+def coupling_metrics(settings, seed: int, problem, x: torch.Tensor, ys: dict, g, reference: bool = True) -> dict:
+    """``methods``: per method, mean transport cost and sliced-W2 of the y-marginal to fresh target samples; with
+    ``reference`` (no closed form), the energy distances to POT's discrete entropic plan (``pot_reference``)."""
+    source, target, cost, regularizer = problem
     n = x.shape[0]
     y_ref = target.sample(n, generator=g)
     flat = lambda t: t.reshape(t.shape[0], -1).double().numpy()  # noqa: E731
     out: dict = {"methods": {}}
-    truth = gaussian_truth(source, target, regularizer, cost)
-    if truth is not None:
-        sigma = entropic_joint_covariance(truth["source_cov"], truth["target_cov"], truth["lam"])
-        cond = entropic_conditional(
-            truth["source_cov"], truth["target_cov"], truth["lam"], truth.get("source_mean"), truth.get("target_mean")
-        )
-        joint_mean = np.concatenate([cond.mean_a, cond.mean_b]) if "source_mean" in truth else None
-        rng = np.random.default_rng(int(cfg.seed))
-        ys = dict(ys, exact=torch.from_numpy(cond.sample(flat(x), rng)).float())
     for name, y in ys.items():
-        m = {
+        out["methods"][name] = {
             "mean_cost": float(cost(x, y).mean()),
             "target_sliced_w2": float(
-                ot.sliced_wasserstein_distance(flat(y), flat(y_ref), n_projections=200, seed=int(cfg.seed))
+                ot.sliced_wasserstein_distance(flat(y), flat(y_ref), n_projections=200, seed=int(seed))
             ),
         }
-        if truth is not None:
-            m["bw_uvp"] = bw_uvp_samples(np.hstack([flat(x), flat(y)]), sigma, joint_mean)
-        out["methods"][name] = m
-    ref = None if truth is not None else pot_plan_reference(cfg, source, target, cost, regularizer, g)
+    ref = pot_plan_reference(settings, problem, g) if reference else None
     if ref is not None:  # no closed form: compare joint samples with POT's discrete entropic plan
         scale = ref.std(0)  # per-coordinate standardisation, so that x (scale 1) and y (scale ~10) weigh alike
         for name, y in ys.items():
@@ -169,16 +154,10 @@ def coupling_metrics(
             out["methods"][name]["joint_energy_to_pot_plan"] = energy_distance(joint / scale, ref / scale)
         out["pot_reference"] = {"n": int(ref.shape[0]), "lam": float(regularizer.lam)}
         if not hasattr(getattr(target, "benchmark", None), "conditional_moments"):  # else cBW-UVP is exact
-            cond = conditional_plan_energy(cfg, source, target, cost, regularizer, x, ys, g)
+            cond = conditional_plan_energy(int(settings.pot_reference_n), problem, x, ys, g)
             for name, value in cond["per_method"].items():
                 out["methods"][name]["conditional_energy_to_plan"] = value
             out["pot_reference"]["conditional_energy_floor"] = cond["floor"]
-    if truth is not None:
-        out["ground_truth"] = {
-            "kind": "gaussian_closed_form",
-            "lam": truth["lam"],
-            "dim": int(sigma.shape[0] // 2),
-        }
     return out
 
 
@@ -239,7 +218,7 @@ def plot_couplings(run_dir: Path, x, y, y_bp, y_target, n_lines: int = 60) -> No
     plt.close(fig)
 
 
-def save_plots(cfg: DictConfig, run_dir: Path, x, y, y_bp, y_target, stages: dict) -> None:
+def save_plots(run_dir: Path, x, y, y_bp, y_target, stages: dict) -> None:
     try:
         plot_training_curves(run_dir, stages)
         if x.dim() == 2:
@@ -248,7 +227,7 @@ def save_plots(cfg: DictConfig, run_dir: Path, x, y, y_bp, y_target, stages: dic
         log.warning("plotting failed: %s", e)
 
 
-def conditional_protocol(cfg: DictConfig, dim: int) -> tuple[int, int]:
+def conditional_protocol(settings, dim: int) -> tuple[int, int]:
     """(test inputs, samples per input) of the conditional protocol: ``eval.conditional_n_x`` /
     ``eval.conditional_n_per_x``, each ``null`` = the rule below.
 
@@ -258,14 +237,13 @@ def conditional_protocol(cfg: DictConfig, dim: int) -> tuple[int, int]:
     targets (≤ 0.3 % at D = 2, ≤ 0.6 % at D = 16, ≤ 0.9 % at D = 64); 50 test inputs keep the standard error over
     inputs small at a chain budget of n_x · n_per_x Langevin chains.
     """
-    n_x = cfg.eval.get("conditional_n_x")
-    k = cfg.eval.get("conditional_n_per_x")
+    n_x, k = settings.conditional_n_x, settings.conditional_n_per_x
     n_x = 50 if n_x is None else int(n_x)
     k = max(500, 20 * int(dim)) if k is None else int(k)
     return n_x, k
 
 
-def conditional_benchmark_metrics(cfg: DictConfig, bench, scones_sampler, bp_net, g) -> dict:
+def conditional_benchmark_metrics(settings, bench, scones_sampler, bp_net, g) -> dict:
     """cBW-UVP (%) of SCONES, BP, the independent coupling and exact samples against the exact π*(·|x).
 
     The protocol (test inputs × samples per input) is :func:`conditional_protocol`; the paper's is 1000 × 1000.
@@ -274,7 +252,7 @@ def conditional_benchmark_metrics(cfg: DictConfig, bench, scones_sampler, bp_net
     """
     from scones.metrics.cbw_uvp import cbw_uvp
 
-    n_x, k = conditional_protocol(cfg, int(bench.dim))
+    n_x, k = conditional_protocol(settings, int(bench.dim))
     x = bench.test_inputs(n_x).float()
     mean, cov = bench.conditional_moments(x)
     var = bench.target_variance

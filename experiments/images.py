@@ -39,7 +39,6 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
 from torch import Tensor
 
 from experiments.atomic import atomic_write_bytes
@@ -177,15 +176,15 @@ class ScoreSampleGrid(pl.Callback):
         atomic_write_bytes(self.out_dir / f"step{step:06d}.png", grid_png(y, nrow=max(1, int(math.sqrt(self.n)))))
 
 
-def score_callbacks(cfg: DictConfig, stage_dir: Path, target) -> list[pl.Callback]:
-    """Callbacks of the score stage: a :class:`ScoreSampleGrid` for image targets, nothing otherwise."""
+def score_callbacks(s, seed: int, stage_dir: Path, target) -> list[pl.Callback]:
+    """Callbacks of the score stage: a :class:`ScoreSampleGrid` (settings ``s`` = ``eval.score_grid``) for image
+    targets, nothing otherwise."""
     if not is_image(target):
         return []
-    s = cfg.eval.score_grid
     return [
         ScoreSampleGrid(
-            Path(stage_dir) / "samples", tuple(target.shape), s["every_n_steps"], s["n_samples"], s["step_lr"],
-            s["n_steps_each"], s["skip_levels"], seed=int(cfg.seed),
+            Path(stage_dir) / "samples", tuple(target.shape), s.every_n_steps, s.n_samples, s.step_lr,
+            s.n_steps_each, s.skip_levels, seed=int(seed),
         )
     ]
 
@@ -193,34 +192,35 @@ def score_callbacks(cfg: DictConfig, stage_dir: Path, target) -> list[pl.Callbac
 # --------------------------------------------------------------------------------------------- metrics
 
 
-def fid_scores(cfg: DictConfig, target, ys: Mapping[str, Tensor], x: Tensor, g: torch.Generator) -> dict:
-    """FID of each method's samples and of the sources against ``fid.n_real`` fresh target samples.
+def fid_scores(s, target, ys: Mapping[str, Tensor], x: Tensor, g: torch.Generator) -> dict:
+    """FID of each method's samples and of the sources against ``fid.n_real`` fresh target samples (``s`` =
+    ``eval.fid``).
 
     Returns ``{"methods": {m: fid | None}, "source": fid | None, "extractor", "n_real", "n_fake", "skipped"}``;
     ``skipped`` holds the reason when FID could not be computed (missing Inception weights, no torch-fidelity).
     """
-    from hydra.utils import instantiate
-
+    from experiments.startup import Node
     from scones.metrics.fid import FID, FIDWeightsNotFoundError
 
-    s = cfg.eval.fid
     n_fake = int(x.shape[0])
-    n_real = int(s["n_real"] or n_fake)
+    n_real = int(s.n_real or n_fake)
     out: dict[str, Any] = {
         "methods": dict.fromkeys(ys), "source": None, "n_real": n_real, "n_fake": n_fake, "skipped": None,
-        "extractor": "custom" if s["feature_extractor"] else "inception-v3",
+        "extractor": "custom" if s.feature_extractor else "inception-v3",
     }
-    if not s["enabled"]:
+    if not s.enabled:
         out["skipped"] = "eval.fid.enabled=false"
         return out
     if n_real < 2 or n_fake < 2:
         out["skipped"] = "FID needs at least 2 real and 2 generated images"
         return out
-    extractor = instantiate(s["feature_extractor"]) if s["feature_extractor"] else None
+    extractor = None
+    if s.feature_extractor is not None:
+        extractor = Node("eval.fid.feature_extractor", s.feature_extractor.model_dump(by_alias=True)).build()
     try:
-        device = s["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
         metric = FID(
-            extractor, s["weights_path"], input_size=(3, *x.shape[-2:]), device=device, batch_size=int(s["batch_size"])
+            extractor, s.weights_path, input_size=(3, *x.shape[-2:]), device=device, batch_size=int(s.batch_size)
         )
     except (FIDWeightsNotFoundError, ModuleNotFoundError) as e:
         reason = " ".join(str(e).split())
@@ -239,30 +239,28 @@ def fid_scores(cfg: DictConfig, target, ys: Mapping[str, Tensor], x: Tensor, g: 
     return out
 
 
-def train_label_classifier(cfg: DictConfig, target) -> dict | None:
+def train_label_classifier(s, seed: int, target) -> dict | None:
     """The digit CNN of the label-consistency and feature-FID metrics, trained on ``1 − holdout`` of the target
-    image set (seeded), or None when the target has no labels or ``eval.label_consistency.enabled`` is false.
+    image set (seeded), or None when the target has no labels or ``s.enabled`` (``eval.label_consistency``) is
+    false.
 
     Returns ``{"classifier", "heldout_images", "heldout_labels", "n_train"}``.
     """
     from scones.metrics.classifier import train_digit_classifier
 
-    s = cfg.eval.label_consistency
     images, labels = getattr(target, "images", None), getattr(target, "labels", None)
-    if not s["enabled"] or images is None or labels is None:
+    if not s.enabled or images is None or labels is None:
         return None
-    g = torch.Generator().manual_seed(int(cfg.seed) + 300)
+    g = torch.Generator().manual_seed(int(seed) + 300)
     perm = torch.randperm(len(labels), generator=g)
-    n_hold = int(round(float(s["holdout"]) * len(labels)))
-    hold, train = perm[:n_hold], perm[n_hold:][: int(s["max_train"])]
-    clf = train_digit_classifier(
-        images[train], labels[train], epochs=int(s["epochs"]), width=int(s["width"]), seed=int(cfg.seed)
-    )
+    n_hold = int(round(float(s.holdout) * len(labels)))
+    hold, train = perm[:n_hold], perm[n_hold:][: int(s.max_train)]
+    clf = train_digit_classifier(images[train], labels[train], epochs=int(s.epochs), width=int(s.width), seed=int(seed))
     return {"classifier": clf, "heldout_images": images[hold], "heldout_labels": labels[hold], "n_train": len(train)}
 
 
 def label_consistency_scores(
-    cfg: DictConfig, target, x: Tensor, x_labels: Tensor | None, ys: Mapping[str, Tensor],
+    s, seed: int, target, x: Tensor, x_labels: Tensor | None, ys: Mapping[str, Tensor],
     trained: dict | None = None,
 ) -> dict | None:
     """Share of each method's samples classified as the source's digit, or None without labels.
@@ -276,7 +274,7 @@ def label_consistency_scores(
 
     if x_labels is None:
         return None
-    trained = trained if trained is not None else train_label_classifier(cfg, target)
+    trained = trained if trained is not None else train_label_classifier(s, seed, target)
     if trained is None:
         return None
     clf, hold_x, hold_y = trained["classifier"], trained["heldout_images"], trained["heldout_labels"]
@@ -288,23 +286,22 @@ def label_consistency_scores(
     }
 
 
-def feature_fid_scores(cfg: DictConfig, trained: dict, x: Tensor, ys: Mapping[str, Tensor]) -> dict | None:
+def feature_fid_scores(s, seed: int, trained: dict, x: Tensor, ys: Mapping[str, Tensor]) -> dict | None:
     """FID / KID in the digit classifier's penultimate feature space (:mod:`scones.metrics.feature_distance`).
 
     Every method's samples and the sources are scored against the classifier's held-out target images (not used
     to train the classifier; split into two halves, the second giving the target-vs-target floor; averaged over
     ``n_splits`` random splits).
-    None when ``eval.feature_fid.enabled`` is false or fewer than 4 images are held out.
+    None when ``s.enabled`` (``eval.feature_fid``) is false or fewer than 4 images are held out.
     """
     from scones.metrics.feature_distance import PenultimateFeatures, feature_distances
 
-    s = cfg.eval.feature_fid
     reference = trained["heldout_images"]
-    if not s["enabled"] or reference.shape[0] < 4:
+    if not s.enabled or reference.shape[0] < 4:
         return None
     out = feature_distances(
         PenultimateFeatures(trained["classifier"]), reference, {**ys, "source": x},
-        n_splits=int(s["n_splits"]), kid_subsets=int(s["kid_subsets"]), seed=int(cfg.seed) + 400,
+        n_splits=int(s.n_splits), kid_subsets=int(s.kid_subsets), seed=int(seed) + 400,
     )
     out["extractor"] = "digit classifier, penultimate layer"
     return out
@@ -329,7 +326,8 @@ def grid_caption(fid: Mapping[str, Any] | None, lc: Mapping[str, float] | None) 
 
 
 def evaluate_images(
-    cfg: DictConfig,
+    settings,
+    seed: int,
     run_dir: Path,
     target,
     x: Tensor,
@@ -338,7 +336,8 @@ def evaluate_images(
     resample: Callable[[Tensor], Tensor],
     g: torch.Generator,
 ) -> dict:
-    """Grid, FID and label consistency of an image run; returns the metrics.json additions.
+    """Grid, FID and label consistency of an image run (``settings`` = the typed ``eval`` settings); returns the
+    metrics.json additions.
 
     ``ys`` maps method → samples ``(n, C, H, W)`` paired with ``x`` (``scones``, ``bp``, ``independent``);
     ``resample(x_r)`` draws fresh SCONES samples for the sources ``x_r`` (extra samples of the grid).
@@ -350,20 +349,21 @@ def evaluate_images(
     feature FID and label consistency.
     """
     t0 = time.perf_counter()
-    fid = fid_scores(cfg, target, ys, x, g)
+    fid = fid_scores(settings.fid, target, ys, x, g)
     per_method: dict[str, dict] = {name: {} for name in ys}
     out: dict[str, Any] = {"per_method": per_method, "fid": {**fid.pop("methods"), **fid}}
-    trained = train_label_classifier(cfg, target) if x_labels is not None else None
-    lc = label_consistency_scores(cfg, target, x, x_labels, ys, trained) if trained is not None else None
+    lcs = settings.label_consistency
+    trained = train_label_classifier(lcs, seed, target) if x_labels is not None else None
+    lc = label_consistency_scores(lcs, seed, target, x, x_labels, ys, trained) if trained is not None else None
     if lc is not None:
         for name, value in lc["methods"].items():
             per_method[name]["label_consistency"] = value
         out["label_classifier"] = {k: v for k, v in lc.items() if k != "methods"}
-    feature_fid = feature_fid_scores(cfg, trained, x, ys) if trained is not None else None
+    feature_fid = feature_fid_scores(settings.feature_fid, seed, trained, x, ys) if trained is not None else None
     if feature_fid is not None:
         out["feature_fid"] = feature_fid
-    grid = cfg.eval.grid
-    r, k = min(int(grid["n_sources"]), x.shape[0]), max(1, int(grid["samples_per_source"]))
+    grid = settings.grid
+    r, k = min(int(grid.n_sources), x.shape[0]), max(1, int(grid.samples_per_source))
     if r > 0:
         xr = x[:r]
         extra = ys["scones"][:r, None] if k == 1 else resample(xr.repeat_interleave(k, 0)).reshape(r, k, *x.shape[1:])

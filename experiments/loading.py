@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from experiments import pipeline
+from experiments.startup import build_problem, read_run
 from experiments.validation import ConfigError
 from scones.coupling import Coupling
 from scones.ot.dual import DualPotentials
@@ -55,29 +56,31 @@ def load_coupling(run_dir: str | Path, device: str | torch.device = "cpu") -> Co
     stages = json.loads(metrics_file.read_text()).get("stages") or {}
     device = torch.device(device)
     try:
-        source, target, cost, regularizer = pipeline.build_problem(cfg)
+        problem = build_problem(cfg)
+        spec = read_run(cfg)
     except ConfigError as e:
         raise RunDirError(f"{cfg_file}: {e}") from None
-    dim = pipeline.data_dim(source)
-    sampler = pipeline.sampler_settings(cfg)
+    source, target, cost, regularizer = problem
+    dim, sampler = problem.dim, spec.sampler
 
-    def build(key: str, **kwargs):
+    def build(stage, key: str, **kwargs):
         try:
-            return pipeline.instantiate_node(cfg, key, **kwargs)
+            return stage.node(key).build(**kwargs)
         except ConfigError as e:
             raise RunDirError(f"{cfg_file}: {e}") from None
 
-    dual_dir = _stage_dir(run_dir, cfg, stages, "dual")
-    if cfg.dual.kind == "online_sinkhorn":
+    dual_dir = _stage_dir(run_dir, spec.training.cache_dir, stages, "dual")
+    if spec.dual.settings.kind == "online_sinkhorn":
         from scones.ot.online_sinkhorn import EntropicPotentials
 
         potentials = EntropicPotentials.from_state_dict(_read_state(dual_dir), cost=cost)
         potentials.regularizer = regularizer
         potentials = potentials.to(device)
     else:
-        potentials = DualPotentials(build("dual.net", dim=dim), build("dual.net", dim=dim), cost, regularizer)
+        potentials = DualPotentials(build(spec.dual, "net", dim=dim), build(spec.dual, "net", dim=dim), cost,
+                                    regularizer)
         _load_module(potentials, dual_dir, "dual")
-        pipeline.calibrate_dual(cfg, potentials, source, target)  # the run's E[H] = 1 shift (logmeanexp)
+        pipeline.calibrate_dual(spec, potentials, source, target)  # the run's E[H] = 1 shift (logmeanexp)
         potentials = potentials.to(device)
 
     if stages.get("score") is None:  # the run sampled with the target's exact score
@@ -88,31 +91,30 @@ def load_coupling(run_dir: str | Path, device: str | torch.device = "cpu") -> Co
         from scones.models.score import ScoreModule
         from scones.sampling.schedules import geometric_sigmas
 
-        sc = cfg.score
-        module = ScoreModule(build("score.net", dim=dim), geometric_sigmas(sc.sigma_max, sc.sigma_min, sc.n_levels),
-                             ema_decay=sc.get("ema_decay"))
-        _load_module(module, _stage_dir(run_dir, cfg, stages, "score"), "score")
+        sc = spec.score.settings
+        module = ScoreModule(build(spec.score, "net", dim=dim),
+                             geometric_sigmas(sc.sigma_max, sc.sigma_min, sc.n_levels), ema_decay=sc.ema_decay)
+        _load_module(module, _stage_dir(run_dir, spec.training.cache_dir, stages, "score"), "score")
         prior_score = LearnedPriorScore.for_sampler(module.to(device), sampler)
 
     bp_net = None
     if stages.get("bp") is not None:
-        bp_net = build("bp.net", in_dim=dim, out_dim=dim)
-        _load_module(bp_net, _stage_dir(run_dir, cfg, stages, "bp"), "bp")
+        bp_net = build(spec.bp, "net", in_dim=dim, out_dim=dim)
+        _load_module(bp_net, _stage_dir(run_dir, spec.training.cache_dir, stages, "bp"), "bp")
         bp_net = bp_net.to(device)
 
     return Coupling(
         potentials, source, target, prior_score=prior_score, barycentric_map=bp_net, sampler=sampler,
-        batch_size=int(cfg.eval.batch_size), device=device, config=cfg, run_dir=run_dir,
+        batch_size=int(spec.eval.settings.batch_size), device=device, config=cfg, run_dir=run_dir,
     )
 
 
-def _stage_dir(run_dir: Path, cfg, stages: Mapping, name: str) -> Path:
+def _stage_dir(run_dir: Path, cache: Path, stages: Mapping, name: str) -> Path:
     entry = stages.get(name)
     if not entry or "dir" not in entry:
         raise RunDirError(f"{run_dir / 'metrics.json'} has no stages.{name}.dir")
     recorded = Path(entry["dir"])
     parents = list(run_dir.resolve().parents)
-    cache = Path(str(cfg.paths.cache_dir))
     candidates = [recorded] if recorded.is_absolute() else [Path.cwd() / recorded, *(p / recorded for p in parents)]
     candidates += [cache / recorded.name, *(p / cache / recorded.name for p in parents if not cache.is_absolute())]
     for c in candidates:

@@ -1,12 +1,14 @@
 """The SCONES pipeline: dual → score (if learned) → barycentric projection → evaluate.
 
-Hydra-free orchestration over a composed config (``experiments/run.py`` is the thin Hydra entry).
-Data flows one way: config → pair + cost + regulariser → trained potentials / score / BP → sampler →
-samples → metrics and plots. Each stage reads only what earlier stages saved.
+Hydra-free orchestration over a composed config (``experiments/run.py`` is the thin Hydra entry). Data flows one
+way: config → typed run settings and problem (read once at start-up, :mod:`experiments.startup`) → trained
+potentials / score / BP (cached stages) → :class:`~scones.coupling.Coupling` → samples → evaluators
+(:mod:`experiments.evaluators`) → run directory. Each stage reads only its settings and what earlier stages saved.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import time
@@ -18,173 +20,116 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from threadpoolctl import threadpool_limits
 
-from experiments import images
+from experiments import evaluators, images
 from experiments.atomic import atomic_torch_save, atomic_write_bytes, atomic_write_json
-from experiments.distributed import (
-    evaluation_device,
-    gather_to_rank_zero,
-    global_rank,
-    is_distributed,
-    is_rank_zero,
-    world_size,
-)
+from experiments.distributed import gather_to_rank_zero, global_rank, is_distributed, is_rank_zero, world_size
 from experiments.logging_utils import SamplingProgress, Tracker
-from experiments.schema import RunConfig
 from experiments.stages import Stage, make_stage, run_training_stage
+from experiments.startup import Problem, RunSpec, build_problem, read_run, resolve_auto_settings
 from experiments.validation import ConfigError, validate_config
 from scones.coupling import Coupling, chunk_seed
 from scones.data.streams import stream_loader
 from scones.models.barycentric import BarycentricModule
 from scones.models.dual import DualModule
 from scones.models.score import ScoreModule
-from scones.ot.dual import DualPotentials, violation
+from scones.ot.dual import DualPotentials
 from scones.sampling import conditional
 from scones.sampling.langevin import NonFiniteSampleError
 from scones.sampling.schedules import geometric_sigmas
-from scones.sampling.settings import SamplerSettings, validate_sampler
+from scones.sampling.settings import SamplerSettings
 
 log = logging.getLogger(__name__)
-
-
-# --------------------------------------------------------------------------------------------- building
-
-
-def instantiate_node(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate(cfg.<key>)`` with a one-line error naming the key."""
-    node = OmegaConf.select(cfg, key)
-    if node is None:
-        raise ConfigError(f"missing config node '{key}'")
-    try:
-        return instantiate(node, **kwargs)
-    except InstantiationException as e:
-        target = node.get("_target_", "?") if isinstance(node, DictConfig) else "?"
-        cause = e.__cause__ or e
-        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-        if isinstance(cause, FileNotFoundError):  # missing dataset file: keep which files and the fix, on one line
-            raise ConfigError(f"{key} (_target_={target!r}): {' '.join(str(cause).split())}") from None
-        if "Error locating target" in str(e) or isinstance(cause, (ImportError, AttributeError)):
-            raise ConfigError(
-                f"{key}._target_={target!r} cannot be imported ({first}); give a full dotted path to a class "
-                "with sample(n) (e.g. scones.data.SwissRoll), importable from the working directory"
-            ) from None
-        raise ConfigError(f"{key} (_target_={target!r}) could not be built: {first}") from None
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"{key}: {e}") from None
-
-
-def build_problem(cfg: DictConfig):
-    """Source, target, cost and regulariser from the config, with dimension checks."""
-    source = instantiate_node(cfg, "data.source")
-    target = instantiate_node(cfg, "data.target")
-    for key, dist in (("data.source", source), ("data.target", target)):
-        if not callable(getattr(dist, "sample", None)):
-            raise ConfigError(f"{key} ({type(dist).__name__}) has no sample(n) method")
-    if tuple(source.shape) != tuple(target.shape):
-        raise ConfigError(
-            f"dimension mismatch: data.source has shape {tuple(source.shape)} but data.target has shape "
-            f"{tuple(target.shape)}; the squared-Euclidean cost needs equal shapes (set data.dim for both)"
-        )
-    cost = instantiate_node(cfg, "cost")
-    regularizer = instantiate_node(cfg, "regularizer")
-    return source, target, cost, regularizer
-
-
-def data_dim(dist) -> int:
-    return int(np.prod(dist.shape))
-
-
-def _seed(cfg: DictConfig, offset: int) -> int:
-    return int(cfg.seed) + offset
 
 
 # --------------------------------------------------------------------------------------------- stages
 
 
-def online_sinkhorn_dual(cfg: DictConfig, stage: Stage, source, target, cost, regularizer):
+def online_sinkhorn_dual(run: RunSpec, stage: Stage, problem: Problem):
     """Dual stage without a network: Online Sinkhorn kernel-expansion potentials (KL only)."""
     from scones.ot.online_sinkhorn import EntropicPotentials
     from scones.ot.regularizers import KL
 
+    source, target, cost, regularizer = problem
     if not isinstance(regularizer, KL):
         raise ConfigError(
             "dual=online_sinkhorn solves the KL-regularised problem; "
             f"got regularizer={regularizer!r} (use regularizer=kl)"
         )
+    steps = int(run.dual.settings.steps)
     if stage.is_done():
         state = stage.load_state()
         stage.cached = True
         pot = EntropicPotentials.from_state_dict(state, cost=cost)
     else:
-        solver = instantiate_node(cfg, "dual.solver", lam=regularizer.lam, cost=cost)
-        g = torch.Generator().manual_seed(_seed(cfg, 1))
+        solver = run.dual.node("solver").build(lam=regularizer.lam, cost=cost)
+        g = torch.Generator().manual_seed(run.seed + 1)
         t0 = time.perf_counter()
         pot = solver.fit(
             lambda n: source.sample(n, generator=g),
             lambda n: target.sample(n, generator=g),
-            n_iter=int(cfg.dual.steps),
+            n_iter=steps,
             progress=True,
         )
         stage.dir.mkdir(parents=True, exist_ok=True)
         atomic_torch_save(pot.state_dict(), stage.weights_file)
-        stage.finish(None, time.perf_counter() - t0, {"steps": int(cfg.dual.steps), "support": len(pot.f)})
+        stage.finish(None, time.perf_counter() - t0, {"steps": steps, "support": len(pot.f)})
     pot.regularizer = regularizer
     return pot
 
 
-def dual_stage(
-    cfg: DictConfig, source, target, cost, regularizer, tracker: Tracker | None = None
-) -> tuple[Any, Stage]:
-    stage = make_stage(cfg, "dual", cfg.dual, cfg.data, cfg.cost, cfg.regularizer, cfg.seed)
-    if cfg.dual.kind == "online_sinkhorn":
-        return online_sinkhorn_dual(cfg, stage, source, target, cost, regularizer), stage
-    dim = data_dim(source)
-    pl.seed_everything(_seed(cfg, 0), workers=True, verbose=False)
-    pot = DualPotentials(
-        instantiate_node(cfg, "dual.net", dim=dim), instantiate_node(cfg, "dual.net", dim=dim), cost, regularizer
-    )
+def dual_stage(run: RunSpec, problem: Problem, tracker: Tracker | None = None) -> tuple[Any, Stage]:
+    """The dual potentials (``run.dual``): neural (trained, then calibrated) or Online Sinkhorn."""
+    stage = make_stage(run.training, run.dual)
+    if run.dual.settings.kind == "online_sinkhorn":
+        return online_sinkhorn_dual(run, stage, problem), stage
+    ds = run.dual.settings
+    source, target, cost, regularizer = problem
+    pl.seed_everything(run.seed, workers=True, verbose=False)
+    net = run.dual.node("net")
+    pot = DualPotentials(net.build(dim=problem.dim), net.build(dim=problem.dim), cost, regularizer)
     module = DualModule(
-        pot, lr=cfg.dual.lr, pairs=cfg.dual.pairs, skip_nonfinite=cfg.dual.get("skip_nonfinite", False),
-        objective=dual_objective_name(cfg, regularizer), lr_schedule=str(cfg.dual.get("lr_schedule", "constant")),
-        **health_logging(cfg, source, target),
+        pot, lr=ds.lr, pairs=ds.pairs, skip_nonfinite=ds.skip_nonfinite,
+        objective=dual_objective_name(ds.objective, regularizer), lr_schedule=ds.lr_schedule,
+        **health_logging(run, source, target),
     )
-    loader = stream_loader([source, target], cfg.dual.batch_size, _seed(cfg, 1), cfg.get("num_workers", 0))
-    run_training_stage(cfg, stage, module, loader, int(cfg.dual.steps), pot, tracker)
-    calibrate_dual(cfg, pot, source, target)
+    loader = stream_loader([source, target], ds.batch_size, run.seed + 1, run.training.num_workers)
+    run_training_stage(run.training, stage, module, loader, int(ds.steps), pot, tracker)
+    calibrate_dual(run, pot, source, target)
     return pot, stage
 
 
-def health_logging(cfg: DictConfig, source, target) -> dict:
+def health_logging(run: RunSpec, source, target) -> dict:
     """``health_data`` (held-out samples, ``eval.dual_health_samples`` per side, at most 1000) and ``health_every``
     (``eval.dual_health_every``; 0 = about 10 times per stage, at most every 100 steps, on logging steps) for
     :class:`DualModule`."""
-    n = min(int(cfg.eval.get("dual_health_samples", 2000)), 1000)
-    every = int(cfg.eval.get("dual_health_every", 0) or 0)
+    n = min(int(run.eval.settings.dual_health_samples), 1000)
+    every = int(run.eval.settings.dual_health_every or 0)
     if n < 4:
         return {}
     if every <= 0:
-        log_every = max(1, int(cfg.trainer.get("log_every_n_steps", 25) or 25))
-        every = log_every * max(math.ceil(100 / log_every), math.ceil(int(cfg.dual.steps) / (10 * log_every)))
+        log_every = max(1, int(run.training.trainer.log_every_n_steps))
+        steps = int(run.dual.settings.steps)
+        every = log_every * max(math.ceil(100 / log_every), math.ceil(steps / (10 * log_every)))
+
     def draw():  # at the first health step (seeded): a run shorter than `every` steps draws nothing
-        g = torch.Generator().manual_seed(_seed(cfg, 3))
+        g = torch.Generator().manual_seed(run.seed + 3)
         return source.sample(n, generator=g), target.sample(n, generator=g)
 
     return {"health_data": draw, "health_every": every}
 
 
-def assess_dual(cfg: DictConfig, potentials, source, target) -> dict:
+def assess_dual(run: RunSpec, potentials, source, target) -> dict:
     """The dual's convergence diagnostic on ``eval.dual_health_samples`` fresh samples per side (seeded; also for
     a cached stage), logged, with a warning when it fails. Returns the ``dual`` entries of metrics.json."""
     from scones.ot.health import dual_health
 
-    n = int(cfg.eval.get("dual_health_samples", 2000))
+    n = int(run.eval.settings.dual_health_samples)
     if n < 4:
         return {}
-    g = torch.Generator().manual_seed(_seed(cfg, 4))
+    g = torch.Generator().manual_seed(run.seed + 4)
     x, y = source.sample(n, generator=g), target.sample(n, generator=g)
     try:
         h = dual_health(potentials, x, y)
@@ -209,56 +154,29 @@ def assess_dual(cfg: DictConfig, potentials, source, target) -> dict:
     return out
 
 
-def resolve_auto_settings(cfg: DictConfig, target, cost, regularizer) -> dict:
-    """Replace the config values ``auto`` (keys of :data:`scones.autoconfig.KEYS`) in ``cfg``, in place, by their
-    rules (:mod:`scones.autoconfig`) for this λ, dimension and target scale (variances of 2000 seeded target
-    samples). Returns ``{"values": {key: value}, "scale": {...}}`` (empty when nothing is ``auto``); logged."""
-    from scones import autoconfig
-
-    requested = {k: OmegaConf.select(cfg, k) for k in autoconfig.KEYS}
-    if not any(v == autoconfig.AUTO for v in requested.values() if isinstance(v, str)):
-        return {}
-    g = torch.Generator().manual_seed(_seed(cfg, 5))
-    y = target.sample(2000, generator=g)
-    lam = float(getattr(regularizer, "lam", 1.0))
-    cost_scale = cost.scale(y) if hasattr(cost, "scale") else 1.0
-    scale = autoconfig.problem_scale(y.numpy(), lam, cost_scale, getattr(regularizer, "name", "other"))
-    values = autoconfig.resolve_auto(requested, scale)
-    for key, value in values.items():
-        OmegaConf.update(cfg, key, value, merge=False)
-    log.info("auto settings (scones.autoconfig): %s", ", ".join(f"{k}={v}" for k, v in values.items()))
-    return {"values": values, "scale": scale.as_dict()}
-
-
-def dual_objective_name(cfg: DictConfig, regularizer) -> str:
+def dual_objective_name(objective: str, regularizer) -> str:
     """``dual.objective`` with ``auto`` resolved: ``logmeanexp`` for KL, ``dual`` otherwise."""
-    name = str(cfg.dual.get("objective", "dual"))
-    if name == "auto":
+    if objective == "auto":
         return "logmeanexp" if getattr(regularizer, "name", None) == "kl" else "dual"
-    return name
+    return str(objective)
 
 
-def calibrate_dual(cfg: DictConfig, pot, source, target) -> None:
+def calibrate_dual(run: RunSpec, pot, source, target) -> None:
     """``dual.objective=logmeanexp``: fix the constant J' cannot see, so that E_{p⊗q}[H] = 1 on
     ``dual.calibration_samples`` fresh samples per side (seeded: a cached stage gets the same shift)."""
-    if dual_objective_name(cfg, pot.regularizer) != "logmeanexp":
+    if dual_objective_name(run.dual.settings.objective, pot.regularizer) != "logmeanexp":
         return
     from scones.ot.dual import calibrate_mass_
 
-    n = int(cfg.dual.get("calibration_samples", 2000))
-    g = torch.Generator().manual_seed(_seed(cfg, 2))
+    n = int(run.dual.settings.calibration_samples)
+    g = torch.Generator().manual_seed(run.seed + 2)
     k = calibrate_mass_(pot, source.sample(n, generator=g), target.sample(n, generator=g))
     log.info("dual: calibrated E[H] = 1 on %d x %d pairs (phi shifted by %.4g)", n, n, -k)
 
 
-def score_stage(
-    cfg: DictConfig, target, settings: RunConfig, tracker: Tracker | None = None
-) -> tuple[Any, Stage | None]:
-    """Returns ``prior_score(y, level)`` and the stage (None when the target's exact score is used).
-
-    ``settings`` are the run's typed settings (``settings.score``, ``settings.sampler``); ``cfg`` gives the score
-    net's ``_target_`` node and the config sections the stage's cache key hashes."""
-    sc = settings.score
+def score_stage(run: RunSpec, target, tracker: Tracker | None = None) -> tuple[Any, Stage | None]:
+    """Returns ``prior_score(y, level)`` and the stage (None when the target's exact score is used)."""
+    sc = run.score.settings
     has_exact = getattr(target, "has_score", False)
     if sc.kind == "exact" or (sc.kind == "auto" and has_exact):
         if not has_exact:
@@ -266,19 +184,19 @@ def score_stage(
                 f"score.kind=exact but data.target ({type(target).__name__}) has no score(y); use score=mlp"
             )
         return conditional.ExactPriorScore(target), None
-    stage = make_stage(cfg, "score", cfg.score, cfg.data.target, cfg.seed)
+    stage = make_stage(run.training, run.score)
     sigmas = geometric_sigmas(sc.sigma_max, sc.sigma_min, sc.n_levels)
-    pl.seed_everything(settings.seed + 10, workers=True, verbose=False)
-    net = instantiate_node(cfg, "score.net", dim=data_dim(target))
-    check_score_schedule(settings.sampler, net, sigmas)
+    pl.seed_everything(run.seed + 10, workers=True, verbose=False)
+    net = run.score.node("net").build(dim=int(np.prod(target.shape)))
+    check_score_schedule(run.sampler, net, sigmas)
     module = ScoreModule(
         net, sigmas, lr=sc.lr, skip_nonfinite=sc.skip_nonfinite, ema_decay=sc.ema_decay,
-        callbacks=images.score_callbacks(cfg, stage.dir, target),
+        callbacks=images.score_callbacks(run.eval.settings.score_grid, run.seed, stage.dir, target),
     )
-    loader = stream_loader([target], sc.batch_size, settings.seed + 11, settings.num_workers)
-    run_training_stage(cfg, stage, module, loader, sc.steps, module, tracker)
+    loader = stream_loader([target], sc.batch_size, run.seed + 11, run.training.num_workers)
+    run_training_stage(run.training, stage, module, loader, sc.steps, module, tracker)
     module.eval()
-    return conditional.LearnedPriorScore.for_sampler(module, settings.sampler), stage
+    return conditional.LearnedPriorScore.for_sampler(module, run.sampler), stage
 
 
 def check_score_schedule(sampler: SamplerSettings, net, sigmas: torch.Tensor) -> None:
@@ -303,25 +221,18 @@ def check_score_schedule(sampler: SamplerSettings, net, sigmas: torch.Tensor) ->
             )
 
 
-def sampler_settings(cfg: DictConfig) -> SamplerSettings:
-    """The ``sampler`` node as the typed settings the samplers take (:mod:`scones.sampling.settings`)."""
-    return validate_sampler(OmegaConf.to_container(cfg.sampler, resolve=True))
-
-
-def bp_stage(
-    cfg: DictConfig, source, target, potentials, dual: Stage, settings: RunConfig, tracker: Tracker | None = None
-) -> tuple[Any, Stage]:
-    """The barycentric projection T(x) ≈ E_π[y | x] trained with frozen potentials (``settings.bp``)."""
-    bp = settings.bp
-    stage = make_stage(cfg, "bp", cfg.bp, dual.key, cfg.seed)
-    dim = data_dim(source)
-    pl.seed_everything(settings.seed + 20, workers=True, verbose=False)
-    net = instantiate_node(cfg, "bp.net", in_dim=dim, out_dim=dim)
+def bp_stage(run: RunSpec, problem: Problem, potentials, dual: Stage,
+             tracker: Tracker | None = None) -> tuple[Any, Stage]:
+    """The barycentric projection T(x) ≈ E_π[y | x] trained with frozen potentials (``run.bp``)."""
+    bp = run.bp.settings
+    stage = make_stage(run.training, run.bp, dual.key)
+    pl.seed_everything(run.seed + 20, workers=True, verbose=False)
+    net = run.bp.node("net").build(in_dim=problem.dim, out_dim=problem.dim)
     module = BarycentricModule(
         net, potentials, lr=bp.lr, pairs=bp.pairs, skip_nonfinite=bp.skip_nonfinite, estimator=bp.estimator
     )
-    loader = stream_loader([source, target], bp.batch_size, settings.seed + 21, settings.num_workers)
-    run_training_stage(cfg, stage, module, loader, bp.steps, net, tracker)
+    loader = stream_loader([problem.source, problem.target], bp.batch_size, run.seed + 21, run.training.num_workers)
+    run_training_stage(run.training, stage, module, loader, bp.steps, net, tracker)
     net.eval()
     return net, stage
 
@@ -336,21 +247,21 @@ def _to(obj, device: torch.device):
 
 
 @contextmanager
-def evaluation_coupling(cfg: DictConfig, source, target, potentials, prior_score, bp_net) -> Iterator[Coupling]:
+def evaluation_coupling(run: RunSpec, source, target, potentials, prior_score, bp_net) -> Iterator[Coupling]:
     """The run's plan as the :class:`~scones.coupling.Coupling` a user loads, on the evaluation device
-    (:func:`~experiments.distributed.evaluation_device`: ``eval.device``, the GPU of a GPU run), ``eval.batch_size``
+    (:meth:`~experiments.startup.EvalSpec.device`: ``eval.device``, the GPU of a GPU run), ``eval.batch_size``
     chains per chunk. Objects moved in place are moved back to the CPU afterwards, so the CPU-side metrics that
     follow (calibration, density, classifier) see them where they were trained (a moved copy is simply dropped)."""
-    device = evaluation_device(cfg)
+    device = run.eval.device()
     objs = (potentials, prior_score, bp_net)
     moved = [_to(o, device) for o in objs]
     try:
         yield Coupling(moved[0], source, target, prior_score=moved[1], barycentric_map=moved[2],
-                       sampler=sampler_settings(cfg), batch_size=int(cfg.eval.batch_size), device=device)
+                       sampler=run.sampler, batch_size=int(run.eval.settings.batch_size), device=device)
     except ValueError as e:  # sampler settings the sampler refuses (e.g. sampler.init): name the config keys
         raise ConfigError(str(e)) from None
     except NonFiniteSampleError as e:  # name the stage and the sampler (the message has the level/step)
-        raise NonFiniteSampleError(f"stage 'evaluate' (sampler.kind={cfg.sampler.kind}): {e}") from None
+        raise NonFiniteSampleError(f"stage 'evaluate' (sampler.kind={run.sampler.kind}): {e}") from None
     finally:
         if device.type != "cpu":
             for o, m in zip(objs, moved, strict=True):
@@ -390,78 +301,48 @@ def sample_sharded(coupling: Coupling, x: torch.Tensor, y0: torch.Tensor, g: tor
 # --------------------------------------------------------------------------------------------- evaluate
 
 
-def evaluate(cfg: DictConfig, run_dir: Path, source, target, cost, regularizer, potentials, prior_score, bp_net,
+def evaluate(run: RunSpec, problem: Problem, run_dir: Path, potentials, prior_score, bp_net,
              stages: dict[str, Stage | None], dual_health: dict | None = None, resolved: dict | None = None) -> dict:
-    from experiments import density, evaluation
-
-    n = int(cfg.eval.n_samples)
-    g = torch.Generator().manual_seed(_seed(cfg, 100))
+    """Sample the plan (``eval.n_samples`` sources, one SCONES chain each, sharded over DDP ranks), run the
+    evaluators that fit the pair (:mod:`experiments.evaluators`) and write ``metrics.json``, ``samples.npz`` and
+    the plots into ``run_dir``. Returns the metrics (``None`` on DDP ranks > 0)."""
+    source, target = problem.source, problem.target
+    n = int(run.eval.settings.n_samples)
+    g = torch.Generator().manual_seed(run.seed + 100)
     t0 = time.perf_counter()
     x, x_labels = images.sample_with_labels(source, n, g)  # labels: digit image sets (label consistency)
-    plan = (cfg, source, target, potentials, prior_score, bp_net)
-    with evaluation_coupling(*plan) as coupling:
+    trained = (run, source, target, potentials, prior_score, bp_net)
+    with evaluation_coupling(*trained) as coupling:
         y_bp = coupling.barycentric(x).cpu()
         y = sample_sharded(coupling, x, coupling.start_chains(x, y_bp, g), g)
     if y is None:  # rank > 0 of a DDP run: its chains went to rank 0, which computes and writes everything
         return None
     sampling_seconds = time.perf_counter() - t0
 
-    y_ind = target.sample(n, generator=g)
-    with torch.no_grad():
-        mean_h = float(regularizer.density(violation(potentials, source.sample(n, generator=g), y_ind)).mean())
-    metrics = evaluation.coupling_metrics(cfg, source, target, cost, regularizer, x, {"scones": y, "bp": y_bp,
-                                                                                     "independent": y_ind}, g)
-    metrics["dual"] = {"mean_H": mean_h}
-    warnings = []
-    if dual_health:
-        health = dict(dual_health)
-        if "warning" in health:
-            warnings.append(health.pop("warning"))
-        metrics["dual"].update(health)
-    if resolved:
-        metrics["auto"] = resolved
-    density_metrics = density.evaluate(cfg, run_dir, source, target, cost, regularizer, potentials, _seed(cfg, 200))
-    if density_metrics is not None:  # p and q have known densities: calibration, marginals, KL to the truth
-        metrics["density"] = density_metrics
-
-    def scones_sampler(xr: torch.Tensor) -> torch.Tensor:  # fresh SCONES samples for other sources (this process)
-        with evaluation_coupling(*plan) as coupling:
+    def resample(xr: torch.Tensor) -> torch.Tensor:  # fresh SCONES samples for other sources (this process)
+        with evaluation_coupling(*trained) as coupling:
             progress = SamplingProgress(coupling.sampler.steps_per_chain * coupling.n_chunks(len(xr)), "sampling")
             return coupling.sample(xr, generator=g, callback=progress).reshape(xr.shape).cpu()
 
-    bench = getattr(target, "benchmark", None)
-    if bench is not None and hasattr(bench, "conditional_moments"):  # exact conditional plan known (EOT benchmark)
-        metrics["conditional"] = evaluation.conditional_benchmark_metrics(cfg, bench, scones_sampler, bp_net, g)
-    image_seconds = None
-    if images.is_image(source):  # image grid, FID, label consistency (experiments/images.py)
-        extra = images.evaluate_images(cfg, run_dir, target, x, x_labels, {"scones": y, "bp": y_bp,
-                                                                            "independent": y_ind}, scones_sampler, g)
-        for name, values in extra.pop("per_method").items():
-            metrics["methods"][name].update(values)
-        image_seconds = extra.pop("timings_s")
-        metrics.update(extra)
-    metrics["timings_s"] = {name: round(st.seconds, 2) for name, st in stages.items() if st is not None}
-    metrics["timings_s"]["sampling"] = round(sampling_seconds, 2)
-    if image_seconds is not None:
-        metrics["timings_s"]["image_eval"] = image_seconds
-    metrics["stages"] = {
-        name: {"dir": str(st.dir), "cached": st.cached} if st is not None else None for name, st in stages.items()
-    }
-    metrics["warnings"] = warnings
-    metrics["experiment"] = cfg.get("name", "custom")
-    metrics["n_samples"] = n
+    samples = {"scones": y, "bp": y_bp, "independent": target.sample(n, generator=g)}
+    ctx = evaluators.EvalContext.build(
+        problem, run.eval, run_dir, x, x_labels, samples,
+        Coupling(potentials, source, target, prior_score=prior_score, barycentric_map=bp_net, sampler=run.sampler,
+                 batch_size=int(run.eval.settings.batch_size)),
+        g, resample, stages, dual_health or {}, resolved or {}, sampling_seconds,
+    )
+    metrics = evaluators.run_evaluators(ctx)
 
     arrays = {"x": x.numpy(), "y": y.numpy(), "y_bp": y_bp.numpy()}
     if x_labels is not None:
         arrays["x_labels"] = x_labels.numpy()
-    arrays.update(evaluation.ground_truth_arrays(source, target, regularizer, cost))
-    import io
-
+    if ctx.truth is not None:
+        arrays.update(ctx.truth.arrays())
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     atomic_write_bytes(run_dir / "samples.npz", buf.getvalue())
     atomic_write_json(run_dir / "metrics.json", metrics)
-    evaluation.save_plots(cfg, run_dir, x, y, y_bp, target.sample(n, generator=g), stages)
+    evaluators.save_plots(ctx)
     return metrics
 
 
@@ -477,22 +358,23 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
     settings = validate_config(cfg, run_dir)  # one-line ConfigError before any data, device or directory is touched
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(int(cfg.get("num_threads") or torch.get_num_threads()))
-    source, target, cost, regularizer = build_problem(cfg)
-    resolved = resolve_auto_settings(cfg, target, cost, regularizer)
+    torch.set_num_threads(int(settings.num_threads or torch.get_num_threads()))
+    problem = build_problem(cfg)
+    resolved = resolve_auto_settings(cfg, problem)
     if resolved:  # the typed settings with the resolved values (the stages read them)
         settings = validate_config(cfg, run_dir)
+    spec = read_run(cfg, settings)  # the config is read here, once: below, only typed settings travel
     if is_rank_zero():
         atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
 
     tracker = Tracker.from_config(cfg, run_dir)
     exit_code = 1
     try:
-        potentials, dual = dual_stage(cfg, source, target, cost, regularizer, tracker)
+        potentials, dual = dual_stage(spec, problem, tracker)
         with threadpool_limits(limits=1, user_api="blas"):
-            health = assess_dual(cfg, potentials, source, target) if is_rank_zero() else {}
-        prior_score, score = score_stage(cfg, target, settings, tracker)
-        bp_net, bp = bp_stage(cfg, source, target, potentials, dual, settings, tracker)
+            health = assess_dual(spec, potentials, problem.source, problem.target) if is_rank_zero() else {}
+        prior_score, score = score_stage(spec, problem.target, tracker)
+        bp_net, bp = bp_stage(spec, problem, potentials, dual, tracker)
         stages = {"dual": dual, "score": score, "bp": bp}
         if not is_distributed() and not is_rank_zero():
             exit_code = 0  # a launcher rank > 0 whose stages were all cached: rank 0 evaluates alone
@@ -500,8 +382,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
         # NumPy/SciPy BLAS only sees the evaluation's small matrices (covariances, POT references): one thread is
         # fastest and stops OpenBLAS threads fighting torch's OpenMP pool (up to 90x slower; docs/performance.md)
         with threadpool_limits(limits=1, user_api="blas"):
-            metrics = evaluate(cfg, run_dir, source, target, cost, regularizer, potentials, prior_score, bp_net, stages,
-                               health, resolved)
+            metrics = evaluate(spec, problem, run_dir, potentials, prior_score, bp_net, stages, health, resolved)
         if metrics is not None:
             log.info("metrics written to %s", run_dir / "metrics.json")
             try:

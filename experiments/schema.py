@@ -184,7 +184,7 @@ class Trainer(Settings):
     strategy: str
     precision: PRECISIONS
     num_nodes: Count = 1
-    log_every_n_steps: Count = 50
+    log_every_n_steps: Count = 25
     gradient_clip_val: NonNegativeFloat | None = None
     deterministic: Literal[True, False, "warn"] = False
 

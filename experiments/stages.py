@@ -25,7 +25,6 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from experiments.atomic import atomic_torch_save, atomic_write_json
@@ -39,6 +38,7 @@ from experiments.stage_runtime import (
     stage_lock,
     submodule_path,
 )
+from experiments.startup import StageSpec, TrainingSpec
 from scones.data.streams import SampleStream
 
 log = logging.getLogger(__name__)
@@ -49,14 +49,8 @@ class StageError(RuntimeError):
 
 
 def config_key(*parts: Any) -> str:
-    """Stable short hash of config sections (DictConfigs are resolved first) and upstream keys."""
-
-    def plain(p: Any) -> Any:
-        if isinstance(p, DictConfig) or OmegaConf.is_config(p):
-            return OmegaConf.to_container(p, resolve=True)
-        return p
-
-    blob = json.dumps([plain(p) for p in parts], sort_keys=True, default=str)
+    """Stable short hash of resolved config sections (plain containers) and upstream keys."""
+    blob = json.dumps(list(parts), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -155,8 +149,7 @@ class Stage:
                 "key": self.key,
                 "seconds": seconds,
                 "info": self.info,
-                "config": OmegaConf.to_container(self.config, resolve=True) if OmegaConf.is_config(self.config)
-                else self.config,
+                "config": self.config,
             },
         )
 
@@ -179,22 +172,23 @@ def load_checkpoint(path: Path, what: str, stage_dir: Path, mmap: bool = False) 
         ) from e
 
 
-def make_stage(cfg: DictConfig, name: str, *parts: Any) -> Stage:
-    key = config_key(name, *parts)
-    stage_dir = Path(cfg.paths.cache_dir) / f"{name}-{key}"
-    return Stage(name=name, key=key, dir=stage_dir, config=parts[0] if parts else None)
+def make_stage(training: TrainingSpec, spec: StageSpec, *upstream: str) -> Stage:
+    """The stage ``<training.cache_dir>/<name>-<key>``: the key hashes the stage's resolved config section, the
+    keys of the stages it reads (``upstream``) and the sections it depends on (:class:`StageSpec`)."""
+    key = config_key(spec.name, spec.section, *upstream, *spec.inputs)
+    return Stage(name=spec.name, key=key, dir=training.cache_dir / f"{spec.name}-{key}", config=spec.section)
 
 
 def build_trainer(
-    cfg: DictConfig,
+    training: TrainingSpec,
     stage: Stage,
     max_steps: int,
     extra_loggers: list | None = None,
     runtime: StageRuntime | None = None,
     resume_step: int | None = None,
 ) -> pl.Trainer:
-    tcfg = cfg.trainer
-    ckpt_every = int(cfg.get("checkpoint_every", 0) or max(1, max_steps // 5))
+    t = training.trainer
+    ckpt_every = int(training.checkpoint_every or max(1, max_steps // 5))
     callbacks = [
         ModelCheckpoint(
             dirpath=stage.dir / "checkpoints",
@@ -211,22 +205,22 @@ def build_trainer(
     csv_logger = stage_csv_logger(str(stage.dir), resume_step)
     loggers = [csv_logger] + list(extra_loggers or [])
     return pl.Trainer(
-        accelerator=tcfg.accelerator,
-        devices=tcfg.devices,
-        strategy=tcfg.strategy,
-        precision=tcfg.precision,
-        num_nodes=tcfg.get("num_nodes", 1),
+        accelerator=t.accelerator,
+        devices=t.devices,
+        strategy=t.strategy,
+        precision=t.precision,
+        num_nodes=t.num_nodes,
         max_steps=max_steps,
         max_epochs=-1,
-        log_every_n_steps=int(tcfg.get("log_every_n_steps", 25)),
-        gradient_clip_val=tcfg.get("gradient_clip_val"),
+        log_every_n_steps=int(t.log_every_n_steps),
+        gradient_clip_val=t.gradient_clip_val,
         logger=loggers,
         callbacks=callbacks,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        deterministic=bool(tcfg.get("deterministic", False)),
+        deterministic=t.deterministic,
         use_distributed_sampler=False,
-        sync_batchnorm=bool(tcfg.get("sync_batchnorm", False)),
+        sync_batchnorm=bool(getattr(t, "sync_batchnorm", False)),
         plugins=[AtomicCheckpointIO()],  # a kill while saving never leaves a truncated checkpoint
         default_root_dir=str(stage.dir),  # Lightning's own scratch files stay inside the stage
     )
@@ -257,7 +251,7 @@ def resume_point(stage: Stage) -> tuple[Path | None, int]:
 
 
 def run_training_stage(
-    cfg: DictConfig,
+    training: TrainingSpec,
     stage: Stage,
     module: pl.LightningModule,
     train_loader,
@@ -293,18 +287,16 @@ def run_training_stage(
             log.info("stage %s: training %d steps into %s", stage.name, max_steps, stage.dir)
         if launcher:
             atomic_write_json(stage.owner_file, {"stage": stage.name, "key": stage.key})
-        if OmegaConf.is_config(stage.config):  # plain data: ddp_spawn pickles the stage (no resolvers there)
-            stage.config = OmegaConf.to_container(stage.config, resolve=True)
         stream = getattr(train_loader, "dataset", None)
         if not isinstance(stream, SampleStream):
             stream = None
         elif stream.name == "batch_size":
             stream.name = f"{stage.name}.batch_size"
         runtime = StageRuntime(
-            stage, submodule_path(module, save_module), max_steps, stream, start_step, cfg.get("num_threads")
+            stage, submodule_path(module, save_module), max_steps, stream, start_step, training.num_threads
         )
         loggers = tracker.stage_loggers(stage.name) if tracker is not None else []  # + the CSV logger
-        trainer = build_trainer(cfg, stage, max_steps, loggers, runtime, resume_step=start_step if ckpt else None)
+        trainer = build_trainer(training, stage, max_steps, loggers, runtime, resume_step=start_step if ckpt else None)
         if stream is not None and stream.batch_size % max(1, trainer.world_size):
             raise StageError(
                 f"{stream.name}={stream.batch_size} is the GLOBAL batch size and must be divisible by the "

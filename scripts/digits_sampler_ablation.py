@@ -123,16 +123,17 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     cfg = compose(args.overrides)
-    from experiments.validation import read_settings
+    from experiments.startup import read_run
 
-    settings = read_settings(cfg)
-    source, target, cost, regularizer = P.build_problem(cfg)
-    potentials, dual = P.dual_stage(cfg, source, target, cost, regularizer)
-    prior_score, _ = P.score_stage(cfg, target, settings)
-    bp_net, _ = P.bp_stage(cfg, source, target, potentials, dual, settings)
+    spec = read_run(cfg)
+    problem = P.build_problem(cfg)
+    source, target, cost, regularizer = problem
+    potentials, dual = P.dual_stage(spec, problem)
+    prior_score, _ = P.score_stage(spec, target)
+    bp_net, _ = P.bp_stage(spec, problem, potentials, dual)
     module = prior_score.module
     module.eval()
-    trained = images.train_label_classifier(cfg, target)
+    trained = images.train_label_classifier(spec.eval.settings.label_consistency, spec.seed, target)
     feats = PenultimateFeatures(trained["classifier"])
     bg_mask = target.images.mean(0)[0] < 0.01
 

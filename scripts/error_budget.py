@@ -75,6 +75,7 @@ def budget_cell(dim: int, lam: float, overrides: list[str], out_dir: Path) -> di
     from omegaconf import OmegaConf
 
     from experiments import pipeline
+    from experiments.startup import read_run
     from scones.metrics.bw_uvp import bw_uvp_samples
     from scones.models.barycentric import potential_conditional_mean
     from scones.ot.gaussian import ExactGaussianPotentials, entropic_joint_covariance
@@ -112,9 +113,11 @@ def budget_cell(dim: int, lam: float, overrides: list[str], out_dir: Path) -> di
     # rebuild what the run used (all stages are cached now)
     cfg = OmegaConf.load(run_dir / "config.yaml")
     torch.set_num_threads(int(cfg.get("num_threads") or torch.get_num_threads()))
-    source, target, cost, regularizer = pipeline.build_problem(cfg)
-    learned, dual = pipeline.dual_stage(cfg, source, target, cost, regularizer)
-    bp_net, _ = pipeline.bp_stage(cfg, source, target, learned, dual)
+    problem = pipeline.build_problem(cfg)
+    source, target, cost, regularizer = problem
+    spec = read_run(cfg)
+    learned, dual = pipeline.dual_stage(spec, problem)
+    bp_net, _ = pipeline.bp_stage(spec, problem, learned, dual)
     exact = ExactGaussianPotentials(source.cov_np, target.cov_np, lam)
     prior = ExactPriorScore(target)
     sigma = entropic_joint_covariance(source.cov_np, target.cov_np, lam)
@@ -312,6 +315,7 @@ def mixture_main(argv: list[str] | None = None) -> None:
     from experiments import pipeline
     from experiments.evaluation import conditional_protocol
     from experiments.run import register_resolvers
+    from experiments.startup import read_run
     from scones.metrics.cbw_uvp import cbw_uvp
     from scones.ot.dual import grad_log_compatibility
     from scones.sampling.conditional import sample_conditional
@@ -321,30 +325,30 @@ def mixture_main(argv: list[str] | None = None) -> None:
                  f"paths.output_root={ROOT / 'outputs'}", *a.overrides]
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
-    from experiments.validation import read_settings
     from scones.coupling import Coupling
     from scones.sampling.conditional import initial_chains
 
-    settings = read_settings(cfg)
-    source, target, cost, regularizer = pipeline.build_problem(cfg)
+    spec = read_run(cfg)
+    problem = pipeline.build_problem(cfg)
+    source, target, cost, regularizer = problem
     bench = target.benchmark
     learned = {v for v in a.variants if v in ("scones", "exact_score", "exact_dual")}
     t0 = time.process_time()
     pot = bp_net = prior = None
     if learned or cfg.sampler.init.startswith("bp"):
-        pot, dual_stage = pipeline.dual_stage(cfg, source, target, cost, regularizer)
-        bp_net, _ = pipeline.bp_stage(cfg, source, target, pot, dual_stage, settings)
+        pot, dual_stage = pipeline.dual_stage(spec, problem)
+        bp_net, _ = pipeline.bp_stage(spec, problem, pot, dual_stage)
     if {"scones", "exact_dual"} & learned:
-        prior, _ = pipeline.score_stage(cfg, target, settings)
+        prior, _ = pipeline.score_stage(spec, target)
     train_cpu = time.process_time() - t0
 
-    _, rule_k = conditional_protocol(cfg, a.dim)
+    _, rule_k = conditional_protocol(spec.eval.settings, a.dim)
     k = a.n_per_x or rule_k
     x = bench.test_inputs(max(a.n_x, 1)).float()
     mean, cov = bench.conditional_moments(x)
     var = bench.target_variance
     xr = x.repeat_interleave(k, dim=0)
-    s = pipeline.sampler_settings(cfg)
+    s = spec.sampler
     sig_list = s.noise_levels() or [0.0]
     oracle = NoisedTargetScore(bench, a.n_mc, torch.Generator().manual_seed(1))
 

@@ -141,14 +141,15 @@ def test_constant_shift_of_phi_only_moves_the_normaliser():
 
 
 def test_density_section_only_for_known_densities(tmp_path):
-    from omegaconf import OmegaConf
+    from experiments.schema import DensitySettings
 
-    cfg = OmegaConf.create({"eval": {"batch_size": 500, "density": {"n_pairs": 200, "n_kl": 500, "grid": 20}}})
+    opts = DensitySettings(n_pairs=200, n_kl=500, grid=20)
     source, cost, lam = StandardGaussian(2), SquaredEuclidean("sum"), 2.0
     plan_target = Gaussian(MB, B)
-    pot = TruthPotentials(plan_for(source, plan_target, cost, lam), source, plan_target, cost, lam)
-    assert density.evaluate(cfg, tmp_path, source, SwissRoll(), cost, KL(lam), pot, seed=0) is None
-    out = density.evaluate(cfg, tmp_path, source, plan_target, cost, KL(lam), pot, seed=0)
+    plan = plan_for(source, plan_target, cost, lam)
+    pot = TruthPotentials(plan, source, plan_target, cost, lam)
+    assert density.evaluate(opts, tmp_path, Coupling(pot, source, SwissRoll(), batch_size=500), None, seed=0) is None
+    out = density.evaluate(opts, tmp_path, Coupling(pot, source, plan_target, batch_size=500), plan, seed=0)
     assert {"mean_H", "kl", "kl_independent", "x_marginal", "y_marginal"} <= set(out)
     assert (tmp_path / "density_slice.png").exists()
 

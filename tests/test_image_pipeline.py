@@ -17,7 +17,8 @@ from PIL import Image
 from torch import nn
 
 from experiments import images
-from experiments.pipeline import ConfigError, run, sampler_settings
+from experiments.pipeline import ConfigError, run
+from experiments.startup import read_run, sampler_settings
 from scones.data.images import DigitsImages
 from scones.models.score import ScoreModule
 from scones.nets.ncsn import NCSN, NCSNv2
@@ -278,7 +279,8 @@ def test_label_consistency_identity_and_shuffled_against_chance(tmp_path):
     idx = torch.randint(0, len(target), (600,), generator=g)
     x, labels = target.images[idx], target.labels[idx]
     ys = {"same": x, "shuffled": x[torch.randperm(600, generator=g)]}
-    out = images.label_consistency_scores(cfg, target, x, labels, ys)
+    spec = read_run(cfg)
+    out = images.label_consistency_scores(spec.eval.settings.label_consistency, spec.seed, target, x, labels, ys)
     # the classifier (≈ 97 % on held-out digits) labels the images themselves; shuffled pairs are at chance
     # (Σ_k p_k² ≈ 0.1 for 10 balanced classes; 600 pairs: standard error ≈ 0.012)
     assert out["heldout_accuracy"] > 0.85 and out["methods"]["same"] > 0.9

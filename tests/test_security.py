@@ -14,6 +14,7 @@ import torch
 
 from experiments import pipeline
 from experiments.stages import StageError
+from experiments.startup import Problem, read_run
 from experiments.validation import ConfigError, allowed_roots, confine, validate_config
 from scones.data import StandardGaussian
 from scones.ot import KL, SquaredEuclidean
@@ -116,7 +117,8 @@ def finished_cache(tmp_path_factory) -> Path:
     """A cache directory holding one finished dual stage of the tiny config (trained once per module)."""
     tmp = tmp_path_factory.mktemp("finished")
     cfg = compose_cfg(tmp, TINY_TRAINING)
-    _pot, stage = pipeline.dual_stage(cfg, StandardGaussian(2), StandardGaussian(2), SquaredEuclidean(), KL(2.0))
+    problem = Problem(StandardGaussian(2), StandardGaussian(2), SquaredEuclidean(), KL(2.0))
+    _pot, stage = pipeline.dual_stage(read_run(cfg), problem)
     assert stage.done_file.exists()
     return tmp / "cache"
 
@@ -127,7 +129,8 @@ def _setup(tmp_path: Path, finished_cache: Path):
     cfg = compose_cfg(tmp_path, TINY_TRAINING)
 
     def rerun():
-        return pipeline.dual_stage(cfg, StandardGaussian(2), StandardGaussian(2), SquaredEuclidean(), KL(2.0))
+        return pipeline.dual_stage(read_run(cfg), Problem(StandardGaussian(2), StandardGaussian(2), SquaredEuclidean(),
+                                                          KL(2.0)))
 
     return stage_dir, rerun
 

@@ -19,12 +19,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from experiments import pipeline
 from experiments.run import register_resolvers
+from experiments.startup import Problem, read_run
 from experiments.validation import (
     CONFIG_DIR,
     ConfigError,
     check_group_choices,
     preflight,
-    read_settings,
     validate_config,
 )
 from scones.data import StandardGaussian
@@ -179,8 +179,9 @@ def test_gpu_trainer_without_gpu_fails_before_anything_is_built(tmp_path):
 def test_evaluation_device_follows_the_trainer_or_eval_device(tmp_path):
     from experiments.distributed import evaluation_device
 
-    assert evaluation_device(compose_cfg(tmp_path, [])) == torch.device("cpu")  # trainer=cpu
-    assert evaluation_device(compose_cfg(tmp_path, ["eval.device=cpu"])) == torch.device("cpu")
+    assert read_run(compose_cfg(tmp_path, [])).eval.device() == torch.device("cpu")  # trainer=cpu
+    assert read_run(compose_cfg(tmp_path, ["eval.device=cpu"])).eval.device() == torch.device("cpu")
+    assert evaluation_device(None, "cpu") == torch.device("cpu")
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match=r"eval\.device='cuda' but no CUDA device is visible; use eval"):
             validate_config(compose_cfg(tmp_path, ["eval.device=cuda"]))
@@ -282,7 +283,7 @@ def test_nan_loss_stops_naming_stage_and_step_and_keeps_last_good_checkpoint(tmp
     cfg = compose_cfg(tmp_path, TINY_TRAINING)
     target = NaNWindow(start=9)  # batches 1..9 are fine, the 10th (step index 9) is NaN
     with pytest.raises(NonFiniteLossError, match=r"stage 'dual': loss is nan at step 9\b.*dual\.skip_nonfinite=true"):
-        pipeline.dual_stage(cfg, StandardGaussian(2), target, SquaredEuclidean(), KL(2.0))
+        pipeline.dual_stage(read_run(cfg), Problem(StandardGaussian(2), target, SquaredEuclidean(), KL(2.0)))
     (stage_dir,) = (tmp_path / "cache").glob("dual-*")
     assert not (stage_dir / "done.json").exists() and not (stage_dir / "final.pt").exists()
     ckpt = torch.load(stage_dir / "checkpoints" / "last.ckpt", weights_only=True)
@@ -293,7 +294,7 @@ def test_nan_loss_stops_naming_stage_and_step_and_keeps_last_good_checkpoint(tmp
 def test_skip_nonfinite_really_continues_the_dual_stage(tmp_path):
     cfg = compose_cfg(tmp_path, [*TINY_TRAINING, "dual.skip_nonfinite=true"])
     target = NaNWindow(start=3, stop=6)  # three NaN batches in the middle of the run
-    pot, stage = pipeline.dual_stage(cfg, StandardGaussian(2), target, SquaredEuclidean(), KL(2.0))
+    pot, stage = pipeline.dual_stage(read_run(cfg), Problem(StandardGaussian(2), target, SquaredEuclidean(), KL(2.0)))
     meta = json.loads(stage.done_file.read_text())
     assert meta["info"]["steps"] == 12 and target.calls >= 12
     skipped, losses = _skipped_steps(stage.dir)
@@ -310,9 +311,9 @@ def test_score_stage_nan_stop_or_skip(tmp_path, skip):
     target = NaNWindow(start=2, stop=4)
     if not skip:
         with pytest.raises(NonFiniteLossError, match=r"stage 'score': loss is nan at step 2\b"):
-            pipeline.score_stage(cfg, target, read_settings(cfg))
+            pipeline.score_stage(read_run(cfg), target)
         return
-    prior, stage = pipeline.score_stage(cfg, target, read_settings(cfg))
+    prior, stage = pipeline.score_stage(read_run(cfg), target)
     assert stage.done_file.exists() and _skipped_steps(stage.dir)[0] == 2
     assert torch.isfinite(prior(torch.randn(5, 2), 0)).all()
 
@@ -336,6 +337,6 @@ def test_langevin_divergence_names_stage_sampler_and_step(tmp_path):
 
     x = torch.randn(8, 2)
     with pytest.raises(NonFiniteSampleError, match=r"stage 'evaluate' \(sampler\.kind=ula\).*step 150/200"):
-        with pipeline.evaluation_coupling(cfg, StandardGaussian(2), StandardGaussian(2), Zero(), exploding_prior,
-                                          None) as coupling:
+        with pipeline.evaluation_coupling(read_run(cfg), StandardGaussian(2), StandardGaussian(2), Zero(),
+                                          exploding_prior, None) as coupling:
             pipeline.sample_sharded(coupling, x, x.clone(), torch.Generator().manual_seed(0))

@@ -179,7 +179,7 @@ def _arguments(obj: Any, node: dict, key: str) -> list[Problem]:
     """Arguments in ``node`` that do not have the type ``obj`` annotates (unknown names are left alone)."""
     from pydantic import ConfigDict, TypeAdapter, ValidationError
 
-    from experiments import schema
+    from experiments import schema_errors
 
     try:
         params = inspect.signature(obj).parameters
@@ -194,8 +194,8 @@ def _arguments(obj: Any, node: dict, key: str) -> list[Problem]:
         try:
             TypeAdapter(hint, config=ConfigDict(arbitrary_types_allowed=True)).validate_python(value)
         except ValidationError as e:
-            wrong_type = any(x["type"] in schema.TYPE_ERRORS for x in e.errors(include_url=False))
-            want = schema.expected(hint)
+            wrong_type = any(x["type"] in schema_errors.TYPE_ERRORS for x in e.errors(include_url=False))
+            want = schema_errors.expected(hint)
             complaint = f"has type {type(value).__name__}; expected {want}" if wrong_type else f"must be {want}"
             out.append(Problem(f"{key}.{name}", complaint, value))
         except Exception:  # noqa: BLE001 - a type pydantic cannot check (e.g. a protocol) is not checked
@@ -227,9 +227,9 @@ def _targets(node: Any, prefix: str) -> Iterator[Problem]:
 def read_settings(cfg: DictConfig) -> RunConfig:
     """The typed settings of a composed config, checked against the schema only (:func:`validate_config` also
     checks the ``_target_`` imports, the paths and the devices); :class:`ConfigError` (one line) otherwise."""
-    from experiments import schema
+    from experiments import schema_errors
 
-    run, _, problems = schema.check(cfg)
+    run, _, problems = schema_errors.check(cfg)
     raise_first(problems)
     return run
 
@@ -240,14 +240,14 @@ def validate_config(
     """Check a composed config before anything is built and return it typed; raise :class:`ConfigError` (one
     line: the first problem, the others summarised) otherwise. ``run_dir`` (the Hydra run directory) is confined
     to the allowed roots too."""
-    from experiments import schema  # pydantic and the library's vocabularies: not needed by ``--cfg job``
+    from experiments import schema_errors  # pydantic and the library's vocabularies: not needed by ``--cfg job``
 
-    run, plain, problems = schema.check(cfg)
+    run, plain, problems = schema_errors.check(cfg)
     problems += _data_shapes(plain)
     if run is not None:
         problems += _devices(run)
     raise_first(sorted(problems, key=lambda p: p.order))  # value problems first: they need no imports
-    problems = [schema.trace(cfg, p) for p in _targets(plain, "")]
+    problems = [schema_errors.trace(cfg, p) for p in _targets(plain, "")]
     raise_first(problems)
     raise_first(_regularizer(run))
     if check_paths:

@@ -77,7 +77,7 @@ def budget_cell(dim: int, lam: float, overrides: list[str], out_dir: Path) -> di
     from experiments import pipeline
     from experiments.startup import read_run
     from scones.metrics.bw_uvp import bw_uvp_samples
-    from scones.models.barycentric import potential_conditional_mean
+    from scones.ot.barycentric import potential_conditional_mean
     from scones.ot.gaussian import ExactGaussianPotentials, entropic_joint_covariance
     from scones.ot.health import dual_health
     from scones.sampling.conditional import ExactPriorScore

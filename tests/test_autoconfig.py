@@ -129,7 +129,8 @@ def test_unconverged_dual_is_reported_in_metrics(tmp_path):
 def test_potential_bp_target_is_the_exact_barycentric_map_for_exact_potentials():
     """x − ∇φ(x)/2 with the closed-form φ is E[y | x] = Mx, and the oracle's E[H] = 1 (its φ constant is exact)."""
     from scones.data import RandomGaussian
-    from scones.models.barycentric import BarycentricModule, potential_conditional_mean
+    from scones.models.barycentric import BarycentricModule
+    from scones.ot.barycentric import barycentric_loss, potential_conditional_mean
     from scones.ot.dual import violation
     from scones.ot.gaussian import ExactGaussianPotentials
 
@@ -141,8 +142,10 @@ def test_potential_bp_target_is_the_exact_barycentric_map_for_exact_potentials()
     xs, ys = src.sample(200000, generator=g), tgt.sample(200000, generator=g)
     assert abs(float(pot.regularizer.density(violation(pot, xs, ys)).mean()) - 1.0) < 0.05
     net = torch.nn.Linear(4, 4)
+    y = tgt.sample(64, generator=g)
     for est in ("seguy", "self_normalised", "potential"):
-        loss, _ = BarycentricModule(net, pot, estimator=est).loss((x[:64], tgt.sample(64, generator=g)))
+        loss, _ = BarycentricModule(net, pot, estimator=est).loss((x[:64], y))
         assert loss.ndim == 0 and torch.isfinite(loss)
+        assert loss == barycentric_loss(pot, net(x[:64]), x[:64], y, est)  # the module's loss is the pure function
     with pytest.raises(ValueError, match="bp.estimator"):
         BarycentricModule(net, pot, estimator="nope")

@@ -60,7 +60,28 @@ VARIANTS: dict[str, dict] = {
     "raw_weights": {"raw": True},  # the trained weights instead of their EMA (score.ema_decay set)
     "uncond": {"init": "uniform", "skip_levels": 0, "guidance": 0.0},
     "uncond_steps30": {"init": "uniform", "skip_levels": 0, "guidance": 0.0, "n_steps_each": 30},
+    # the final steps (custom loop below; "loop_base" = the default through that loop, must equal "base")
+    "loop_base": {"loop": True},
+    "denoise_prior_only": {"loop": True, "denoise_guidance": 0.0},
+    "last_level_guidance0": {"loop": True, "last_guidance": 0.0, "denoise_guidance": 0.0},
+    "guidance_anneal": {"loop": True, "guidance_schedule": "sigma2"},
+    "last_steps30": {"loop": True, "last_steps": 30},
+    "last_steps100": {"loop": True, "last_steps": 100},
+    "last_lr_x0.2": {"loop": True, "last_lr_factor": 0.2},
+    "noise_free_last": {"loop": True, "last_noise": 0.0},
+    "noise_free_final5": {"loop": True, "final_noise_free": 5},
+    "denoise_at_sigma9": {"loop": True, "denoise_level": -2},
+    "denoise_at_sigma8": {"loop": True, "denoise_level": -3},
+    "denoise_twice": {"loop": True, "denoise_times": 2},
+    "skip8_last_steps30": {"loop": True, "skip_levels": 8, "last_steps": 30},
+    "skip8_steps20": {"skip_levels": 8, "n_steps_each": 20},
+    # chains started at target samples resampled with H(x, .) (sampler.init=resample), then the last level(s)
+    "resample_skip9": {"init": "resample", "skip_levels": 9},
+    "resample_skip8": {"init": "resample", "skip_levels": 8},
 }
+
+
+RESAMPLE_POOL: dict = {}  # the target samples init=resample reweights (set in main, seed 0 as in Coupling)
 
 
 def compose(overrides: list[str]):
@@ -86,12 +107,46 @@ def denoise_ratios(module, images_: torch.Tensor, sigmas: torch.Tensor, seed: in
     return out
 
 
+@torch.no_grad()
+def annealed_loop(score, y, sigmas, step_lr, n_steps_each, skip, spec, g) -> torch.Tensor:
+    """annealed_langevin with knobs on the final steps (same random draws as it when no knob is set)."""
+    L = len(sigmas)
+    alphas = (step_lr * (sigmas / sigmas[-1]) ** 2).tolist()
+    s0 = float(sigmas[skip])
+
+    def guided(yy, i, w):
+        if w == 1.0:
+            return score(yy, i)
+        prior = score.prior_score(yy, i)
+        return prior if w == 0.0 else prior + w * (score(yy, i) - prior)
+
+    for i in range(skip, L):
+        last = i == L - 1
+        n = int(spec.get("last_steps", n_steps_each)) if last else n_steps_each
+        a = alphas[i] * (float(spec.get("last_lr_factor", 1.0)) if last else 1.0)
+        w = float(spec.get("last_guidance", 1.0)) if last else 1.0
+        if spec.get("guidance_schedule") == "sigma2":
+            w = float(sigmas[i]) ** 2 / s0**2
+        noise = float(spec.get("last_noise", 1.0)) if last else 1.0
+        for _ in range(n):
+            z = torch.randn(y.shape, generator=g)
+            y = y + a * guided(y, i, w) + noise * (2.0 * a) ** 0.5 * z
+    for _ in range(int(spec.get("final_noise_free", 0))):
+        y = y + alphas[-1] * guided(y, L - 1, 1.0)
+    for _ in range(int(spec.get("denoise_times", 1))):
+        k = L + int(spec.get("denoise_level", -1))
+        y = y + float(sigmas[k]) ** 2 * guided(y, k, float(spec.get("denoise_guidance", 1.0)))
+    return y
+
+
 def run_variant(spec: dict, cfg, module, potentials, x, y_bp, g) -> torch.Tensor:
     s = {**{k: cfg.sampler[k] for k in ("step_lr", "n_steps_each", "skip_levels", "denoise")}, **spec}
     sigmas = module.sigmas.detach().clone()
     skip = int(s["skip_levels"])
     if spec.get("init") == "uniform":
         y0 = torch.rand(x.shape, generator=g)
+    elif spec.get("init") == "resample":
+        y0 = P.conditional.resampled_chains(potentials, x, RESAMPLE_POOL["pool"], g)[0]
     else:
         first = float(sigmas[min(skip, len(sigmas) - 1)])
         y0 = y_bp + first * torch.randn(x.shape, generator=g)
@@ -105,6 +160,8 @@ def run_variant(spec: dict, cfg, module, potentials, x, y_bp, g) -> torch.Tensor
     # uses the last level run, sigma_{L-1})
     step_lr = float(s["step_lr"]) * float(sigmas[n_levels - 1] / sigmas[-1]) ** 2
     try:
+        if spec.get("loop"):
+            return annealed_loop(score, y0, sigmas, step_lr, int(s["n_steps_each"]), skip, spec, g)
         return annealed_langevin(
             score, y0, sigmas[:n_levels], step_lr, int(s["n_steps_each"]), denoise=bool(s["denoise"]),
             skip_levels=min(skip, n_levels), disable=True, generator=g,
@@ -136,10 +193,12 @@ def main() -> None:
     trained = images.train_label_classifier(spec.eval.settings.label_consistency, spec.seed, target)
     feats = PenultimateFeatures(trained["classifier"])
     bg_mask = target.images.mean(0)[0] < 0.01
+    pool_size = int(cfg.sampler.get("pool_size", 10000))
+    RESAMPLE_POOL["pool"] = target.sample(pool_size, generator=torch.Generator().manual_seed(0))
 
-    def bg(y: torch.Tensor) -> tuple[float, float]:
+    def bg(y: torch.Tensor) -> tuple[float, float, float]:
         v = y[:, 0][:, bg_mask]
-        return float(v.abs().mean()), float(v.pow(2).mean().sqrt())
+        return float(v.abs().mean()), float(v.pow(2).mean().sqrt()), float(v.mean())
 
     g = torch.Generator().manual_seed(int(cfg.seed) + 100)
     x, x_labels = images.sample_with_labels(source, args.n, g)
@@ -167,7 +226,7 @@ def main() -> None:
         y = run_variant(VARIANTS[name], cfg, module, potentials, x, y_bp, gv)
         cpu = time.process_time() - t0
         d = feature_distances(feats, trained["heldout_images"], {"y": y}, seed=int(cfg.seed) + 400)
-        row = {"variant": name, "bg": bg(y)[0], "bg_rms": bg(y)[1], "ffid": d["fid"]["y"],
+        row = {"variant": name, "bg": bg(y)[0], "bg_rms": bg(y)[1], "bg_signed": bg(y)[2], "ffid": d["fid"]["y"],
                "fkid": d["kid"]["y"]["mean"], "lc": label_consistency(trained["classifier"], y.clamp(0, 1), x_labels),
                "out_of_range": float(((y < -0.05) | (y > 1.05)).float().mean()), "cpu_s": round(cpu, 1)}
         print(json.dumps(row), flush=True)

@@ -18,7 +18,7 @@ import ot  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.collections import LineCollection  # noqa: E402
 
-from scones.metrics.sample_distances import energy_distance  # noqa: E402
+from scones.metrics.sample_distances import energy_distance, paired_energy_distance  # noqa: E402
 from scones.ot.regularizers import KL  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,8 @@ def exact_conditional_samples(source, target, cost, lam: float, x: torch.Tensor,
     from scones.ot.discrete import sinkhorn
 
     xs, a = _source_atoms(source, n_pot, g)
-    pot = sinkhorn(xs, target.sample(n_pot, generator=g), lam, a=a, cost=cost, max_iter=5000, tol=1e-6).potentials()
+    pot = sinkhorn(xs, target.sample(n_pot, generator=g), lam, a=a, cost=cost, max_iter=5000, tol=1e-6,
+                   method="kernel").potentials()
     atoms = target.sample(n_atoms, generator=g)
     psi = pot.psi(atoms.double())
     out = []
@@ -106,20 +107,19 @@ def conditional_energy(x: torch.Tensor, y: torch.Tensor, y_ref: torch.Tensor) ->
     """Energy distance on raw coordinates between pairs (x_i, y_i) and reference pairs (x_i, y_ref[i, j]).
 
     ``y`` ``(n, d)``, ``y_ref`` ``(n, k, d)``: the sources are shared, so only the conditionals differ (0 iff
-    they agree); one sample per x_i suffices, k reference draws per x_i lower the noise.
+    they agree); one sample per x_i suffices, k reference draws per x_i lower the noise. The paired U-statistic
+    :func:`~scones.metrics.sample_distances.paired_energy_distance` (pairs of one source left out: unbiased).
     """
-    n, k = y_ref.shape[0], y_ref.shape[1]
-    xf = x.reshape(n, -1)
-    joint_ref = torch.cat([xf.repeat_interleave(k, 0), y_ref.reshape(n * k, -1)], 1)
-    return energy_distance(torch.cat([xf, y.reshape(n, -1)], 1), joint_ref)
+    return paired_energy_distance(x, y, y_ref)
 
 
 def conditional_plan_energy(n_pot: int, problem, x: torch.Tensor, ys: dict, g) -> dict:
     """``methods.<m>.conditional_energy_to_plan``: :func:`conditional_energy` of each method against 4 draws per
-    source of :func:`exact_conditional_samples` (POT on ``eval.pot_reference_n`` samples per side). Its floor
+    source of :func:`exact_conditional_samples` (ψ from POT on ``n_pot`` = ``eval.pot_joint_n`` target samples:
+    with 1000 the reference was off by ~0.016 on the Swiss roll, docs/results.md). Its floor
     (``pot_reference.conditional_energy_floor``) is the same metric for one draw per source of a second,
     independent reference (other POT samples, atoms and draws): exact-plan samples up to the reference's own
-    error. Returns ``{"per_method": {m: value}, "floor": value}``.
+    error. Returns ``{"per_method": {m: value}, "floor": value, "exact": the second reference's draws (n, d)}``.
     """
     source, target, cost, regularizer = problem
     lam = float(regularizer.lam)
@@ -128,6 +128,63 @@ def conditional_plan_energy(n_pot: int, problem, x: torch.Tensor, ys: dict, g) -
     return {
         "per_method": {m: conditional_energy(x, y, ref) for m, y in ys.items()},
         "floor": conditional_energy(x, second, ref),
+        "exact": second,
+    }
+
+
+def entropic_plan(x: torch.Tensor, y: torch.Tensor, lam: float, cost) -> torch.Tensor:
+    """POT's entropic plan (KL, uniform weights) between two point clouds, float64, rows = ``x``: the kernel-form
+    Sinkhorn (``scones.ot.discrete.sinkhorn(method="kernel")``, 1.3 s of CPU at n = 4000 on the Swiss roll where the
+    log-domain solver takes 40 s; log domain only if the kernel underflows)."""
+    from scones.ot.discrete import sinkhorn
+
+    x, y = x.reshape(len(x), -1), y.reshape(len(y), -1)
+    return sinkhorn(x, y, lam, cost=cost, max_iter=5000, tol=1e-7, method="kernel").plan
+
+
+def pot_plan_draws(source, target, cost, lam: float, x: torch.Tensor, n_plan: int, n_refs: int, g) -> torch.Tensor:
+    """``n_refs`` draws y' per row x_i, each from the conditional (row i) of an independent POT entropic plan
+    (:func:`entropic_plan`) between the sources {x_1 … x_n} ∪ {max(0, n_plan − n) fresh source samples} and
+    max(n_plan, n) fresh target samples; shape ``(n, n_refs, *shape)``.
+
+    The method's own sources take part in every plan, so its pairs and these share their x (scored with
+    :func:`scones.metrics.sample_distances.paired_energy_distance`: no source-sampling noise, no same-source
+    pairs); pooling ``n_refs`` plans averages their finite-sample errors.
+    """
+    n = x.shape[0]
+    xf = x.reshape(n, -1)
+    big = max(int(n_plan), n)
+    draws = []
+    for _ in range(int(n_refs)):
+        xs = xf if big == n else torch.cat([xf, source.sample(big - n, generator=g).reshape(big - n, -1).to(xf)])
+        yt = target.sample(big, generator=g)
+        rows = entropic_plan(xs, yt, lam, cost)[:n]
+        idx = torch.multinomial(rows / rows.sum(1, keepdim=True), 1, generator=g)[:, 0]
+        draws.append(yt[idx])
+    return torch.stack(draws, 1)
+
+
+def joint_raw_energy(n_plan: int, n_refs: int, problem, x: torch.Tensor, ys: dict, exact: torch.Tensor, g) -> dict:
+    """``methods.<m>.joint_raw_energy_to_pot_plan``: energy distance on raw coordinates between each method's pairs
+    (x_i, y_i) and joint samples (x_i, y'_i) of POT's entropic plan between ``n_plan`` (``eval.pot_joint_n``) fresh
+    samples per side (the method's x_i among the sources; ``n_refs`` (``eval.pot_joint_refs``) independent plans
+    pooled, one draw per x_i from each; :func:`pot_plan_draws`), as the paired U-statistic
+    :func:`~scones.metrics.sample_distances.paired_energy_distance`.
+
+    Floor ``pot_reference.joint_raw_energy_floor``: the same metric for ``exact`` (one exact-conditional draw
+    per x_i, :func:`exact_conditional_samples`), i.e. exact-plan samples scored the same way;
+    ``pot_reference.joint_raw_refs_spread``: the mean of the metric between the plans' draws, one plan against
+    another (the reference's own finite-sample error, before pooling).
+    """
+    source, target, cost, regularizer = problem
+    ref = pot_plan_draws(source, target, cost, float(regularizer.lam), x, n_plan, n_refs, g)
+    spread = [paired_energy_distance(x, ref[:, i], ref[:, j : j + 1]) for i in range(n_refs) for j in range(i)]
+    return {
+        "per_method": {m: paired_energy_distance(x, y, ref) for m, y in ys.items()},
+        "floor": paired_energy_distance(x, exact, ref),
+        "refs_spread": float(np.mean(spread)) if spread else None,
+        "n_plan": max(int(n_plan), x.shape[0]),
+        "n_refs": int(n_refs),
     }
 
 
@@ -154,10 +211,19 @@ def coupling_metrics(settings, seed: int, problem, x: torch.Tensor, ys: dict, g,
             out["methods"][name]["joint_energy_to_pot_plan"] = energy_distance(joint / scale, ref / scale)
         out["pot_reference"] = {"n": int(ref.shape[0]), "lam": float(regularizer.lam)}
         if not hasattr(getattr(target, "benchmark", None), "conditional_moments"):  # else cBW-UVP is exact
-            cond = conditional_plan_energy(int(settings.pot_reference_n), problem, x, ys, g)
+            cond = conditional_plan_energy(int(settings.pot_joint_n), problem, x, ys, g)
             for name, value in cond["per_method"].items():
                 out["methods"][name]["conditional_energy_to_plan"] = value
             out["pot_reference"]["conditional_energy_floor"] = cond["floor"]
+            if int(settings.pot_joint_refs) > 0:
+                joint = joint_raw_energy(int(settings.pot_joint_n), int(settings.pot_joint_refs), problem, x, ys,
+                                         cond["exact"], g)
+                for name, value in joint["per_method"].items():
+                    out["methods"][name]["joint_raw_energy_to_pot_plan"] = value
+                out["pot_reference"].update(
+                    joint_n=joint["n_plan"], joint_refs=joint["n_refs"], joint_raw_energy_floor=joint["floor"],
+                    joint_raw_refs_spread=joint["refs_spread"],
+                )
     return out
 
 

@@ -158,6 +158,8 @@ class Eval(Settings):
     device: str | None = None
     pot_reference_n: NonNegativeInt
     pot_reference_max_dim: Count
+    pot_joint_n: Count = 4000  # joint_raw_energy_to_pot_plan: samples per side of each POT plan
+    pot_joint_refs: NonNegativeInt = 3  # independent POT plans pooled (0 = metric off)
     pot_divergence_lam: PositiveFloat = Field(None, validate_default=False)
     conditional_n_x: Count | None  # null: the protocol rule (experiments/evaluation.conditional_protocol)
     conditional_n_per_x: Count | None

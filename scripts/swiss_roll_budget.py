@@ -11,9 +11,10 @@ each combination of
 - sampler: the run's sampler config, or overrides given as ``--sampler key=value,...`` (several allowed);
 
 and reports for each the y-marginal sliced-W2 to fresh target samples (as ``metrics.json``), the joint energy
-distance on raw coordinates to joint samples of POT's plan between 1000 fresh samples (as issue 13), and the
-conditional energy distance to the exact-conditional reference (``experiments.evaluation.conditional_plan_energy``),
-each with its floor (exact samples).
+distance on raw coordinates to POT's plan between ``--joint-n`` fresh samples per side, ``--joint-refs`` plans pooled
+(``metrics.json`` ``joint_raw_energy_to_pot_plan``, ``experiments.evaluation.joint_raw_energy``), and the
+conditional energy distance to the exact-conditional reference (``conditional_energy_to_plan``,
+``experiments.evaluation.conditional_plan_energy``), each with its floor (exact samples scored the same way).
 
     python scripts/swiss_roll_budget.py outputs/swiss_roll/runs/<time>
     python scripts/swiss_roll_budget.py RUN --sampler n_steps_each=300 --sampler step_lr=1e-4 --only score=exact
@@ -33,9 +34,9 @@ import ot
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's experiments/
-from experiments.evaluation import _source_atoms, conditional_energy, exact_conditional_samples
+from experiments.evaluation import _source_atoms, conditional_energy, exact_conditional_samples, pot_plan_draws
 from experiments.loading import load_coupling
-from scones.metrics.sample_distances import energy_distance
+from scones.metrics.sample_distances import paired_energy_distance
 from scones.ot.discrete import sinkhorn
 from scones.sampling.conditional import LearnedPriorScore, initial_chains, sample_conditional
 from scones.sampling.settings import validate_sampler
@@ -81,7 +82,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--n", type=int, default=1000, help="sources (one chain each)")
-    ap.add_argument("--pot-n", type=int, default=2000,
+    ap.add_argument("--joint-n", type=int, default=4000, help="samples per side of each POT plan (joint metric)")
+    ap.add_argument("--joint-refs", type=int, default=3, help="POT plans pooled (joint metric)")
+    ap.add_argument("--pot-n", type=int, default=4000,
                     help="target samples of the POT potentials oracle (source: quadrature grid)")
     ap.add_argument("--sampler", action="append", default=[], help="key=value,... overrides of the run's sampler")
     ap.add_argument("--only", action="append", default=[], help="score=learned|exact, psi=learned|pot")
@@ -97,24 +100,20 @@ def main() -> None:
 
     t0 = time.perf_counter()
     xs, a = _source_atoms(source, args.pot_n, g)
-    pot_sk = sinkhorn(xs, target.sample(args.pot_n, generator=g), lam, a=a, cost=cost, max_iter=5000, tol=1e-6)
+    pot_sk = sinkhorn(xs, target.sample(args.pot_n, generator=g), lam, a=a, cost=cost, max_iter=5000, tol=1e-6,
+                      method="kernel")
     pot = pot_sk.potentials()
     pot.regularizer = plan.regularizer
     print(f"POT oracle potentials: n={args.pot_n}, {pot_sk.n_iter} it, err {pot_sk.marginal_error:.2e}, "
           f"{time.perf_counter() - t0:.1f}s")
 
-    # references: POT plan joint samples (issue 13 protocol) and the exact-conditional reference
-    def pot_joint(seed: int) -> torch.Tensor:
-        gg = torch.Generator().manual_seed(seed)
-        xr, yr = source.sample(1000, generator=gg), target.sample(1000, generator=gg)
-        p = sinkhorn(xr, yr, lam, cost=cost, max_iter=5000, tol=1e-6).plan
-        idx = torch.multinomial(p.flatten().float(), 1000, replacement=True, generator=gg)
-        return torch.cat([xr[idx // 1000], yr[idx % 1000]], 1)
-
-    ref_joint = [pot_joint(1000 + k) for k in range(3)]
-    gr = torch.Generator().manual_seed(77)
-    ref_cond = exact_conditional_samples(source, target, cost, lam, x, 4, gr)
-    exact_y = exact_conditional_samples(source, target, cost, lam, x, 1, torch.Generator().manual_seed(78))[:, 0]
+    # references: joint draws of POT plans sharing the sources x, and the exact-conditional reference (as metrics.json)
+    ref_joint = pot_plan_draws(source, target, cost, lam, x, args.joint_n, args.joint_refs,
+                               torch.Generator().manual_seed(1000 + args.seed))
+    gr = torch.Generator().manual_seed(77 + args.seed)
+    ref_cond = exact_conditional_samples(source, target, cost, lam, x, 4, gr, n_pot=args.joint_n)
+    exact_y = exact_conditional_samples(source, target, cost, lam, x, 1, torch.Generator().manual_seed(78 + args.seed),
+                                        n_pot=args.joint_n)[:, 0]
 
     fresh = [target.sample(args.n, generator=g).double().numpy() for _ in range(5)]
 
@@ -122,14 +121,16 @@ def main() -> None:
         return {
             "sw2": float(np.mean([ot.sliced_wasserstein_distance(y.double().numpy(), f, n_projections=200, seed=2039)
                                   for f in fresh])),
-            "joint_raw_energy_pot": float(np.mean([energy_distance(torch.cat([x, y], 1), r) for r in ref_joint])),
+            "joint_raw_energy_pot": paired_energy_distance(x, y, ref_joint),
             "cond_energy": conditional_energy(x, y, ref_cond),
         }
 
     rows = []
     rows.append({"name": "exact conditional (floor)", **metrics(exact_y)})
-    between = [energy_distance(ref_joint[i], ref_joint[j]) for i, j in ((0, 1), (0, 2), (1, 2))]
-    rows.append({"name": "POT plan refs, pairwise (floor)", "joint_raw_energy_pot": float(np.mean(between))})
+    k = ref_joint.shape[1]
+    between = [paired_energy_distance(x, ref_joint[:, i], ref_joint[:, j : j + 1]) for i in range(k) for j in range(i)]
+    if between:
+        rows.append({"name": "POT plans, one against another", "joint_raw_energy_pot": float(np.mean(between))})
     rows.append({"name": "independent", **metrics(target.sample(args.n, generator=g))})
     rows.append({"name": "BP", **metrics(plan.barycentric(x))})
     for r in rows:

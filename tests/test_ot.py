@@ -138,3 +138,18 @@ def test_bw_uvp_known_values():
     rng = np.random.default_rng(0)
     s = rng.multivariate_normal(np.zeros(2), A, size=200_000)
     assert bw_uvp_samples(s, A) < 1e-3
+
+
+def test_discrete_sinkhorn_kernel_method_matches_log_domain_and_falls_back_when_it_underflows():
+    from scones.ot.discrete import sinkhorn
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(200, 2, generator=g), 3 + 2 * torch.randn(300, 2, generator=g)
+    for lam, it in ((1.0, 3000), (0.002, 100)):  # 0.002: exp(−C/λ) underflows on whole rows -> log-domain redo
+        log, ker = sinkhorn(x, y, lam, max_iter=it, tol=1e-9), sinkhorn(x, y, lam, max_iter=it, tol=1e-9,
+                                                                        method="kernel")
+        assert torch.isfinite(ker.plan).all() and torch.isfinite(ker.f).all()
+        torch.testing.assert_close(ker.plan, log.plan, atol=1e-9, rtol=1e-5)
+        torch.testing.assert_close(ker.f - ker.f.mean(), log.f - log.f.mean(), atol=1e-5 * lam, rtol=0)
+    with pytest.raises(ValueError, match="method"):
+        sinkhorn(x, y, 1.0, method="exp")

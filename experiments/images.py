@@ -239,6 +239,28 @@ def fid_scores(s, target, ys: Mapping[str, Tensor], x: Tensor, g: torch.Generato
     return out
 
 
+def heldout_split(s, seed: int, n: int) -> tuple[Tensor, Tensor]:
+    """Indices ``(held_out, rest)`` of the ``n`` target images (seeded permutation, ``eval.label_consistency.holdout``
+    of them held out): the held-out ones are the classifier's test set and the feature-FID reference."""
+    perm = torch.randperm(int(n), generator=torch.Generator().manual_seed(int(seed) + 300))
+    n_hold = int(round(float(s.holdout) * int(n)))
+    return perm[:n_hold], perm[n_hold:]
+
+
+def without_reference(s, seed: int, target):
+    """The target image set without its held-out images (:func:`heldout_split`), for everything the evaluation
+    draws target images from (the independent coupling, the pool of ``sampler.init: resample``): no compared sample
+    is then a copy of a feature-FID reference image. ``target`` itself when it has no labels or
+    ``eval.label_consistency`` is off (no reference is held out then)."""
+    from scones.data.images import ImageTensorDistribution
+
+    images, labels = getattr(target, "images", None), getattr(target, "labels", None)
+    if not s.enabled or images is None or labels is None:
+        return target
+    _, rest = heldout_split(s, seed, len(labels))
+    return ImageTensorDistribution(images[rest], labels[rest], random_flip=bool(getattr(target, "random_flip", False)))
+
+
 def train_label_classifier(s, seed: int, target) -> dict | None:
     """The digit CNN of the label-consistency and feature-FID metrics, trained on ``1 − holdout`` of the target
     image set (seeded), or None when the target has no labels or ``s.enabled`` (``eval.label_consistency``) is
@@ -251,10 +273,8 @@ def train_label_classifier(s, seed: int, target) -> dict | None:
     images, labels = getattr(target, "images", None), getattr(target, "labels", None)
     if not s.enabled or images is None or labels is None:
         return None
-    g = torch.Generator().manual_seed(int(seed) + 300)
-    perm = torch.randperm(len(labels), generator=g)
-    n_hold = int(round(float(s.holdout) * len(labels)))
-    hold, train = perm[:n_hold], perm[n_hold:][: int(s.max_train)]
+    hold, train = heldout_split(s, seed, len(labels))
+    train = train[: int(s.max_train)]
     clf = train_digit_classifier(images[train], labels[train], epochs=int(s.epochs), width=int(s.width), seed=int(seed))
     return {"classifier": clf, "heldout_images": images[hold], "heldout_labels": labels[hold], "n_train": len(train)}
 
@@ -379,10 +399,12 @@ __all__ = [
     "feature_fid_scores",
     "fid_scores",
     "grid_png",
+    "heldout_split",
     "is_image",
     "label_consistency_scores",
     "sample_with_labels",
     "save_comparison_grid",
     "score_callbacks",
     "train_label_classifier",
+    "without_reference",
 ]

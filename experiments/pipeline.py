@@ -311,7 +311,10 @@ def evaluate(run: RunSpec, problem: Problem, run_dir: Path, potentials, prior_sc
     g = torch.Generator().manual_seed(run.seed + 100)
     t0 = time.perf_counter()
     x, x_labels = images.sample_with_labels(source, n, g)  # labels: digit image sets (label consistency)
-    trained = (run, source, target, potentials, prior_score, bp_net)
+    # target images the compared sets are drawn from (independent coupling, resample pool): without the held-out
+    # feature-FID reference images of digit pairs (a copied reference image would beat the floor)
+    drawn = images.without_reference(run.eval.settings.label_consistency, run.seed, target)
+    trained = (run, source, drawn, potentials, prior_score, bp_net)
     with evaluation_coupling(*trained) as coupling:
         y_bp = coupling.barycentric(x).cpu()
         y = sample_sharded(coupling, x, coupling.start_chains(x, y_bp, g), g)
@@ -324,7 +327,7 @@ def evaluate(run: RunSpec, problem: Problem, run_dir: Path, potentials, prior_sc
             progress = SamplingProgress(coupling.sampler.steps_per_chain * coupling.n_chunks(len(xr)), "sampling")
             return coupling.sample(xr, generator=g, callback=progress).reshape(xr.shape).cpu()
 
-    samples = {"scones": y, "bp": y_bp, "independent": target.sample(n, generator=g)}
+    samples = {"scones": y, "bp": y_bp, "independent": drawn.sample(n, generator=g)}
     ctx = evaluators.EvalContext.build(
         problem, run.eval, run_dir, x, x_labels, samples,
         Coupling(potentials, source, target, prior_score=prior_score, barycentric_map=bp_net, sampler=run.sampler,

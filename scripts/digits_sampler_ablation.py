@@ -78,6 +78,8 @@ VARIANTS: dict[str, dict] = {
     # chains started at target samples resampled with H(x, .) (sampler.init=resample), then the last level(s)
     "resample_skip9": {"init": "resample", "skip_levels": 9},
     "resample_skip8": {"init": "resample", "skip_levels": 8},
+    # the same with the whole target set as pool, feature-FID reference images included
+    "resample_skip9_allpool": {"init": "resample", "skip_levels": 9, "pool": "all"},
 }
 
 
@@ -146,7 +148,8 @@ def run_variant(spec: dict, cfg, module, potentials, x, y_bp, g) -> torch.Tensor
     if spec.get("init") == "uniform":
         y0 = torch.rand(x.shape, generator=g)
     elif spec.get("init") == "resample":
-        y0 = P.conditional.resampled_chains(potentials, x, RESAMPLE_POOL["pool"], g)[0]
+        pool = RESAMPLE_POOL[spec.get("pool", "pool")]
+        y0 = P.conditional.resampled_chains(potentials, x, pool, g)[0]
     else:
         first = float(sigmas[min(skip, len(sigmas) - 1)])
         y0 = y_bp + first * torch.randn(x.shape, generator=g)
@@ -180,10 +183,11 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     cfg = compose(args.overrides)
-    from experiments.startup import read_run
+    from experiments.startup import read_run, resolve_auto_settings
 
-    spec = read_run(cfg)
     problem = P.build_problem(cfg)
+    resolve_auto_settings(cfg, problem)  # as experiments.run does, so the stage keys are the run's (cache reuse)
+    spec = read_run(cfg)
     source, target, cost, regularizer = problem
     potentials, dual = P.dual_stage(spec, problem)
     prior_score, _ = P.score_stage(spec, target)
@@ -194,7 +198,11 @@ def main() -> None:
     feats = PenultimateFeatures(trained["classifier"])
     bg_mask = target.images.mean(0)[0] < 0.01
     pool_size = int(cfg.sampler.get("pool_size", 10000))
-    RESAMPLE_POOL["pool"] = target.sample(pool_size, generator=torch.Generator().manual_seed(0))
+    # as the evaluation: target images without the feature-FID reference ones (the classifier's held-out images);
+    # "all": the whole target set, reference images included (a copied reference image beats the floor)
+    drawn = images.without_reference(spec.eval.settings.label_consistency, spec.seed, target)
+    RESAMPLE_POOL["pool"] = drawn.sample(pool_size, generator=torch.Generator().manual_seed(0))
+    RESAMPLE_POOL["all"] = target.sample(pool_size, generator=torch.Generator().manual_seed(0))
 
     def bg(y: torch.Tensor) -> tuple[float, float, float]:
         v = y[:, 0][:, bg_mask]
@@ -204,7 +212,7 @@ def main() -> None:
     x, x_labels = images.sample_with_labels(source, args.n, g)
     with torch.no_grad():
         y_bp = bp_net(x).reshape(x.shape)
-    y_ind = target.sample(args.n, generator=g)
+    y_ind = drawn.sample(args.n, generator=g)
     ratios = denoise_ratios(module, target.images[:256], module.sigmas)
     print("sigmas        ", " ".join(f"{s:.4f}" for s in module.sigmas.tolist()))
     print("denoise ratio ", " ".join(f"{r:.3f}" for r in ratios), flush=True)

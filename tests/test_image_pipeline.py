@@ -272,6 +272,23 @@ def test_score_sample_grid_samples_the_model_and_writes_png(tmp_path):
     assert (tmp_path / "step000010.png").exists()
 
 
+def test_compared_sets_are_drawn_without_the_feature_fid_reference_images():
+    """The independent samples and the resample pool come from the target set minus the classifier's held-out
+    images, the feature-FID reference: a copied reference image would get a distance below the floor."""
+    from types import SimpleNamespace
+
+    target = DigitsImages(subset="odd")
+    s = SimpleNamespace(enabled=True, holdout=0.2)
+    hold, rest = images.heldout_split(s, 7, len(target))
+    assert len(hold) == round(0.2 * len(target))
+    assert sorted(torch.cat([hold, rest]).tolist()) == list(range(len(target)))
+    drawn = images.without_reference(s, 7, target)
+    flat = lambda t: {tuple(r) for r in t.flatten(1).tolist()}  # noqa: E731
+    assert flat(drawn.sample(5000, generator=torch.Generator().manual_seed(0))) <= flat(target.images[rest])
+    assert not flat(drawn.images) & (flat(target.images[hold]) - flat(target.images[rest]))
+    assert images.without_reference(SimpleNamespace(enabled=False, holdout=0.2), 7, target) is target
+
+
 def test_label_consistency_identity_and_shuffled_against_chance(tmp_path):
     cfg = make_cfg(tmp_path, ["+experiment=digits", "eval.label_consistency.epochs=5"])
     target = DigitsImages(subset="odd")

@@ -213,6 +213,14 @@ Variants, all with the same sampler, initialisation, test inputs and noise:
     exact_dual    s_θ + G*             only the score is learned  -> scones − exact_dual  ≈ cost of the dual
     exact_both    S*  + G*             nothing learned            -> exact_both − floor  = cost of the sampler
     smoothed      ∇ log (π*(·|x) ∗ N(0, σ_i² I))   the ideal annealed conditional (a sampler reference)
+    init_learned  the chain starts alone, no Langevin step (``sampler.init``: with ``resample``, pool samples
+                  resampled by the learned H_θ(x, ·))               -> what the learned dual's weights give
+    exact_cond    the smoothed exact conditional score from the learned starts (same y0 as scones): the
+                  sampler with everything exact but its initialisation; scones − exact_cond = the joint cost
+                  of s_θ + G_θ (the split needs S*, which is too noisy where the plan is sharp in D ≥ 16:
+                  check ``oracle_noise`` in the JSON)
+    init_exact    the same with the exact H*(x, ·) = π*(·|x)/p1 (for ``resample``; else = init_learned)
+                                                                    -> the pool's own finite-sample cost
 
 plus the exact-sample floor of the same protocol and, for scale, BP and the independent coupling. A variant with
 a learned piece reuses that piece from the stage cache (training it the first time, like ``experiments.run``).
@@ -223,7 +231,8 @@ a learned piece reuses that piece from the stage cache (training it the first ti
 Writes ``<out>/mixture_d{D}_eps{ε}[_tag].json`` (default out: docs/results/error_budget). One thread.
 """
 
-VARIANTS = ("scones", "exact_score", "exact_dual", "exact_both", "smoothed")
+VARIANTS = ("scones", "exact_score", "exact_dual", "exact_both", "smoothed", "init_learned", "init_exact",
+            "exact_cond")
 
 
 def _iso(mats: torch.Tensor, what: str) -> torch.Tensor:
@@ -304,6 +313,8 @@ def mixture_main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n-x", type=int, default=20, help="test inputs (the first n of the benchmark's)")
     ap.add_argument("--n-per-x", type=int, default=None, help="chains per input (default: the protocol rule)")
     ap.add_argument("--n-mc", type=int, default=16, help="importance draws per component for S*")
+    ap.add_argument("--n-mc-pool", type=int, default=1024,
+                    help="importance draws per component for log p1 on the resampling pool (exact H*)")
     ap.add_argument("--tag", default="", help="suffix of the output file name")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "error_budget")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides of +experiment=eot_benchmark (after --)")
@@ -328,11 +339,15 @@ def mixture_main(argv: list[str] | None = None) -> None:
     from scones.coupling import Coupling
     from scones.sampling.conditional import initial_chains
 
-    spec = read_run(cfg)
     problem = pipeline.build_problem(cfg)
     source, target, cost, regularizer = problem
+    from experiments.startup import resolve_auto_settings
+
+    resolve_auto_settings(cfg, problem)  # config values `auto`, as experiments.run does
+    spec = read_run(cfg)
     bench = target.benchmark
-    learned = {v for v in a.variants if v in ("scones", "exact_score", "exact_dual")}
+    learned = {v for v in a.variants if v in ("scones", "exact_score", "exact_dual", "init_learned",
+                                                  "exact_cond")}
     t0 = time.process_time()
     pot = bp_net = prior = None
     if learned or cfg.sampler.init.startswith("bp"):
@@ -360,8 +375,13 @@ def mixture_main(argv: list[str] | None = None) -> None:
 
     pool = target.sample(s.pool_size, generator=torch.Generator().manual_seed(0))  # the Coupling's pool
 
+    pool_log_p1 = []  # log p1 on the pool, computed once (the expensive part of the exact resampling)
+
     def exact_resample(gen):  # y0 = pool_j, j ~ H*(x, pool_j) ∝ π*(pool_j | x) / p1(pool_j)
-        log_p1 = NoisedTargetScore(bench, 1024, torch.Generator().manual_seed(6)).log_density(pool)
+        if not pool_log_p1:
+            pool_log_p1.append(NoisedTargetScore(bench, a.n_mc_pool, torch.Generator().manual_seed(6)).log_density(
+                pool, block=500))
+        log_p1 = pool_log_p1[0]
         y0 = torch.empty_like(xr)
         for i in range(x.shape[0]):
             xi = x[i : i + 1].expand(pool.shape[0], -1)
@@ -375,7 +395,7 @@ def mixture_main(argv: list[str] | None = None) -> None:
             y_bp = torch.cat([bp_net(xr[i : i + 10000]) for i in range(0, len(xr), 10000)]) if bp_net is not None \
                 else bench.conditional_mean(xr).float()
         g2 = torch.Generator().manual_seed(2)
-        if s.init == "resample" and name in ("exact_dual", "exact_both", "smoothed"):  # resample with exact H
+        if s.init == "resample" and name in ("exact_dual", "exact_both", "smoothed", "init_exact"):  # exact H
             y0 = exact_resample(g2)
         else:
             y0 = Coupling(pot, source, target, prior_score=prior or s_star, sampler=s,
@@ -383,6 +403,8 @@ def mixture_main(argv: list[str] | None = None) -> None:
                 xr, y_bp, g2) if pot is not None else initial_chains(s, xr, y_bp, g2)
         gen = torch.Generator().manual_seed(3)
         bs = int(cfg.eval.batch_size)
+        if name.startswith("init_"):
+            return y0
         if name == "scones":
             return sample_conditional(prior, pot, xr, y0, s, bs, gen)
         if name == "exact_score":
@@ -397,6 +419,7 @@ def mixture_main(argv: list[str] | None = None) -> None:
                     return prior(y, lv) + g_star(xb, y)
                 if name == "exact_both":
                     return s_star(y, lv) + g_star(xb, y)
+                # smoothed / exact_cond: the ideal annealed conditional
                 return smoothed_conditional_score(bench, xb, y, sig_list[lv] if s.kind == "annealed" else 0.0)
 
             out.append(sample_conditional(fn, None, xb, y0[i : i + bs], s, bs, gen))
@@ -407,11 +430,29 @@ def mixture_main(argv: list[str] | None = None) -> None:
            "sampler": s.model_dump(),
            "train_cpu_s": round(train_cpu, 1), "cbw_uvp_percent": {}, "se_percent": {}, "cpu_s": {}}
 
+    w_exact = bench.component_log_weights(x).exp()  # (n_x, K) exact mode weights of π*(·|x)
+    c_iso = _iso(bench.cond_covs, "conditional covariances")
+
+    def mode_tv(samples):  # total variation between the exact mode weights and the samples' mode frequencies
+        ys = samples.reshape(-1, a.dim).double()
+        logp = (bench.component_log_weights(xr) - 0.5 * ((ys[:, None, :] - bench.component_means(xr)) ** 2).sum(-1)
+                / c_iso - 0.5 * a.dim * torch.log(c_iso))
+        onehot = torch.nn.functional.one_hot(logp.argmax(1), w_exact.shape[1]).double()
+        freq = onehot.reshape(x.shape[0], k, -1).mean(1)
+        return 0.5 * (freq - w_exact).abs().sum(1)  # (n_x,)
+
     def score_of(name, samples):
         per = 100 * cbw_uvp(samples.reshape(x.shape[0], k, -1), mean, cov, var, per_x=True)
+        tv = mode_tv(samples)
+        res.setdefault("mode_weight_tv", {})[name] = [round(float(tv.mean()), 4), round(float(tv.max()), 4)]
         res["cbw_uvp_percent"][name] = round(float(per.mean()), 4)
         res["se_percent"][name] = round(float(per.std(ddof=1) / math.sqrt(len(per))), 4) if len(per) > 1 else None
-        print(f"{name:12s} {res['cbw_uvp_percent'][name]:8.3f} ± {res['se_percent'][name]}  "
+        res.setdefault("per_x_median_max_percent", {})[name] = [round(float(np.median(per)), 4),
+                                                                 round(float(np.max(per)), 4)]
+        res.setdefault("per_x_percent", {})[name] = [round(float(v), 3) for v in per]
+        print(f"{name:12s} {res['cbw_uvp_percent'][name]:8.3f} ± {res['se_percent'][name]}  (per x median "
+              f"{float(np.median(per)):.3f}, max {float(np.max(per)):.3f}; mode-weight TV mean {float(tv.mean()):.3f}, "
+              f"max {float(tv.max()):.3f})  "
               f"({res['cpu_s'].get(name, 0):.0f} s CPU)", flush=True)
 
     if prior is not None or pot is not None:  # direct errors of the learned pieces on plan samples (x, y) ~ π*
@@ -422,6 +463,14 @@ def mixture_main(argv: list[str] | None = None) -> None:
             gt = (bench.conditional_score(xs, ys) - ref(ys.double(), 0.0)).float()
             gl = grad_log_compatibility(pot, xs, ys)
             errs["compat_grad"] = float(((gl - gt) ** 2).sum(1).mean() / (gt**2).sum(1).mean())
+        if prior is not None and pot is not None:  # s_θ + G_θ against the exact smoothed conditional score
+            for lv, sg in enumerate(sig_list):
+                yn = ys + sg * torch.randn(ys.shape, generator=torch.Generator().manual_seed(9 + lv))
+                ct = smoothed_conditional_score(bench, xs, yn, sg).float()
+                with torch.no_grad():
+                    cl = prior(yn, lv)
+                cl = cl + grad_log_compatibility(pot, xs, yn)
+                errs[f"cond_score_sigma{sg:.3g}"] = float(((cl - ct) ** 2).sum(1).mean() / (ct**2).sum(1).mean())
         if prior is not None:
             for lv, sg in enumerate(sig_list):
                 yn = ys + sg * torch.randn(ys.shape, generator=torch.Generator().manual_seed(9 + lv))
@@ -429,8 +478,18 @@ def mixture_main(argv: list[str] | None = None) -> None:
                 with torch.no_grad():
                     sl = prior(yn, lv)
                 errs[f"score_sigma{sg:.3g}"] = float(((sl - st) ** 2).sum(1).mean() / (st**2).sum(1).mean())
+        ref2 = NoisedTargetScore(bench, 64, torch.Generator().manual_seed(10))(ys.double(), 0.0)
+        r1 = ref(ys.double(), 0.0)
+        errs["oracle_noise_S*_64_vs_64"] = float(((r1 - ref2) ** 2).sum(1).mean() / (r1**2).sum(1).mean())
         res["relative_mse"] = {kk: round(vv, 4) for kk, vv in errs.items()}
         print("relative MSE of the learned pieces on plan samples:", json.dumps(res["relative_mse"]), flush=True)
+    if pot is not None and s.init == "resample":  # effective sample size of the learned weights per test input
+        from scones.sampling.conditional import resampled_chains
+
+        ess = resampled_chains(pot, x, pool, torch.Generator().manual_seed(2))[1]
+        res["resample_ess"] = [round(float(v), 1) for v in ess]
+        print(f"resample ESS of H_θ(x, ·) on the {pool.shape[0]} pool samples: median {float(ess.median()):.1f}, "
+              f"min {float(ess.min()):.1f}", flush=True)
     score_of("floor", exact)
     if bp_net is not None:
         with torch.no_grad():

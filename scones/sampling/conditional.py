@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor
 
-from scones.ot.dual import grad_log_compatibility, violation_matrix
+from scones.ot.dual import grad_log_compatibility
 from scones.sampling.langevin import Callback
 from scones.sampling.settings import SamplerSettings, validate_sampler
 
@@ -102,10 +102,12 @@ def resampled_chains(
     y0 = torch.empty((n, *pool.shape[1:]), dtype=pool.dtype, device=pool.device)
     ess = torch.empty(n, dtype=pool.dtype, device=pool.device)
     step = max(1, block_elems // max(1, pool.shape[0]))
+    psi_pool = potentials.psi(pool)  # once, not per block of sources: V = φ(x) + ψ(y) − c(x, y)
     done = 0
     for start in range(0, uniq.shape[0], step):
         xb = uniq[start : start + step].reshape(-1, *x.shape[1:])
-        w = torch.softmax(potentials.regularizer.log_density(violation_matrix(potentials, xb, pool)), dim=1)
+        v = potentials.phi(xb)[:, None] + psi_pool[None, :] - potentials.cost.pairwise(xb, pool)
+        w = torch.softmax(potentials.regularizer.log_density(v), dim=1)
         if not torch.isfinite(w).all():
             raise ValueError("sampler.init=resample: H(x, ·) is zero or not finite on the whole pool for some x")
         cb = counts[start : start + step]

@@ -222,8 +222,14 @@ Variants, all with the same sampler, initialisation, test inputs and noise:
     init_exact    the same with the exact H*(x, ·) = π*(·|x)/p1 (for ``resample``; else = init_learned)
                                                                     -> the pool's own finite-sample cost
 
-plus the exact-sample floor of the same protocol and, for scale, BP and the independent coupling. A variant with
-a learned piece reuses that piece from the stage cache (training it the first time, like ``experiments.run``).
+plus the exact-sample floor of the same protocol and, for scale, BP and the independent coupling. Per variant the
+JSON also holds the per-input values (``per_x_percent``), the total-variation error of the mode weights
+(``mode_weight_tv``: each sample assigned to its most likely component of π*(·|x), mean/max over inputs), the
+effective sample size of the learned resampling weights per input (``resample_ess``), and the relative errors of the
+learned pieces on plan samples (``relative_mse``; ``oracle_noise_S*_64_vs_64`` says whether S* is usable: where the
+plan is sharp in D ≥ 16 two estimates of S* disagree and only ``exact_cond``/``cond_score_sigma*`` are meaningful).
+A variant with a learned piece reuses that piece from the stage cache (training it the first time, like
+``experiments.run``).
 
     python scripts/error_budget.py --dim 2 --eps 1
     python scripts/error_budget.py --dim 16 --eps 1 --variants scones exact_both -- sampler.n_steps_each=200

@@ -313,12 +313,13 @@ def test_digits_default_end_to_end_on_real_data(tmp_path):
     cfg = make_cfg(tmp_path, ["+experiment=digits", "num_threads=1"])
     m = run(cfg, tmp_path / "run")
     lc = {k: v["label_consistency"] for k, v in m["methods"].items()}
-    assert lc["scones"] >= 0.9, lc
+    assert lc["scones"] >= 0.93, lc  # docs/images.md: 0.954-0.966 over 3 seeds (0.966 at the default seed)
     assert abs(lc["independent"] - 0.1) < 0.06, lc  # chance level
     assert m["label_classifier"]["heldout_accuracy"] > 0.9
     assert m["fid"]["skipped"] is None or m["fid"]["scones"] is None
-    # offline image quality: SCONES samples within 2x of the target-vs-target floor (docs/images.md: 1.15x)
+    # offline image quality: SCONES samples within 2x of the target-vs-target floor (docs/images.md: 1.04x)
     ffid = m["feature_fid"]["fid"]
     assert ffid["scones"] < 2 * ffid["target_floor"] and ffid["source"] > 2 * ffid["target_floor"], ffid
+    assert ffid["scones"] <= ffid["bp"], ffid  # real digits beat conditional means (default seed: 66.8 vs 69.4)
     buf = io.BytesIO((tmp_path / "run" / "samples_grid.png").read_bytes())
     assert Image.open(buf).size[0] > 0

@@ -103,31 +103,24 @@ def exact_conditional_samples(source, target, cost, lam: float, x: torch.Tensor,
         out.append(atoms[idx])
     return torch.cat(out)
 
-def conditional_energy(x: torch.Tensor, y: torch.Tensor, y_ref: torch.Tensor) -> float:
-    """Energy distance on raw coordinates between pairs (x_i, y_i) and reference pairs (x_i, y_ref[i, j]).
-
-    ``y`` ``(n, d)``, ``y_ref`` ``(n, k, d)``: the sources are shared, so only the conditionals differ (0 iff
-    they agree); one sample per x_i suffices, k reference draws per x_i lower the noise. The paired U-statistic
-    :func:`~scones.metrics.sample_distances.paired_energy_distance` (pairs of one source left out: unbiased).
-    """
-    return paired_energy_distance(x, y, y_ref)
-
 
 def conditional_plan_energy(n_pot: int, problem, x: torch.Tensor, ys: dict, g) -> dict:
-    """``methods.<m>.conditional_energy_to_plan``: :func:`conditional_energy` of each method against 4 draws per
+    """``methods.<m>.conditional_energy_to_plan``: the paired energy distance of each method against 4 draws per
     source of :func:`exact_conditional_samples` (ψ from POT on ``n_pot`` = ``eval.pot_joint_n`` target samples:
     with 1000 the reference was off by ~0.016 on the Swiss roll, docs/results.md). Its floor
     (``pot_reference.conditional_energy_floor``) is the same metric for one draw per source of a second,
     independent reference (other POT samples, atoms and draws): exact-plan samples up to the reference's own
-    error. Returns ``{"per_method": {m: value}, "floor": value, "exact": the second reference's draws (n, d)}``.
+    error. Scored by :func:`~scones.metrics.sample_distances.paired_energy_distance` (the sources are shared, so only
+    the conditionals differ; pairs of one source left out: unbiased).
+    Returns ``{"per_method": {m: value}, "floor": value, "exact": the second reference's draws (n, d)}``.
     """
     source, target, cost, regularizer = problem
     lam = float(regularizer.lam)
     ref = exact_conditional_samples(source, target, cost, lam, x, 4, g, n_pot=n_pot)
     second = exact_conditional_samples(source, target, cost, lam, x, 1, g, n_pot=n_pot)[:, 0]
     return {
-        "per_method": {m: conditional_energy(x, y, ref) for m, y in ys.items()},
-        "floor": conditional_energy(x, second, ref),
+        "per_method": {m: paired_energy_distance(x, y, ref) for m, y in ys.items()},
+        "floor": paired_energy_distance(x, second, ref),
         "exact": second,
     }
 
@@ -164,6 +157,14 @@ def pot_plan_draws(source, target, cost, lam: float, x: torch.Tensor, n_plan: in
     return torch.stack(draws, 1)
 
 
+def refs_spread(x: torch.Tensor, ref: torch.Tensor) -> float | None:
+    """Mean :func:`~scones.metrics.sample_distances.paired_energy_distance` between the draws of the pooled plans of
+    :func:`pot_plan_draws` (``ref`` ``(n, k, …)``), one plan against another; None for a single plan."""
+    k = ref.shape[1]
+    between = [paired_energy_distance(x, ref[:, i], ref[:, j : j + 1]) for i in range(k) for j in range(i)]
+    return float(np.mean(between)) if between else None
+
+
 def joint_raw_energy(n_plan: int, n_refs: int, problem, x: torch.Tensor, ys: dict, exact: torch.Tensor, g) -> dict:
     """``methods.<m>.joint_raw_energy_to_pot_plan``: energy distance on raw coordinates between each method's pairs
     (x_i, y_i) and joint samples (x_i, y'_i) of POT's entropic plan between ``n_plan`` (``eval.pot_joint_n``) fresh
@@ -178,11 +179,11 @@ def joint_raw_energy(n_plan: int, n_refs: int, problem, x: torch.Tensor, ys: dic
     """
     source, target, cost, regularizer = problem
     ref = pot_plan_draws(source, target, cost, float(regularizer.lam), x, n_plan, n_refs, g)
-    spread = [paired_energy_distance(x, ref[:, i], ref[:, j : j + 1]) for i in range(n_refs) for j in range(i)]
+    spread = refs_spread(x, ref)
     return {
         "per_method": {m: paired_energy_distance(x, y, ref) for m, y in ys.items()},
         "floor": paired_energy_distance(x, exact, ref),
-        "refs_spread": float(np.mean(spread)) if spread else None,
+        "refs_spread": spread,
         "n_plan": max(int(n_plan), x.shape[0]),
         "n_refs": int(n_refs),
     }

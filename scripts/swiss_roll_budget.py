@@ -34,7 +34,7 @@ import ot
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's experiments/
-from experiments.evaluation import _source_atoms, conditional_energy, exact_conditional_samples, pot_plan_draws
+from experiments.evaluation import _source_atoms, exact_conditional_samples, pot_plan_draws, refs_spread
 from experiments.loading import load_coupling
 from scones.metrics.sample_distances import paired_energy_distance
 from scones.ot.discrete import sinkhorn
@@ -122,15 +122,14 @@ def main() -> None:
             "sw2": float(np.mean([ot.sliced_wasserstein_distance(y.double().numpy(), f, n_projections=200, seed=2039)
                                   for f in fresh])),
             "joint_raw_energy_pot": paired_energy_distance(x, y, ref_joint),
-            "cond_energy": conditional_energy(x, y, ref_cond),
+            "cond_energy": paired_energy_distance(x, y, ref_cond),
         }
 
     rows = []
     rows.append({"name": "exact conditional (floor)", **metrics(exact_y)})
-    k = ref_joint.shape[1]
-    between = [paired_energy_distance(x, ref_joint[:, i], ref_joint[:, j : j + 1]) for i in range(k) for j in range(i)]
-    if between:
-        rows.append({"name": "POT plans, one against another", "joint_raw_energy_pot": float(np.mean(between))})
+    between = refs_spread(x, ref_joint)
+    if between is not None:
+        rows.append({"name": "POT plans, one against another", "joint_raw_energy_pot": between})
     rows.append({"name": "independent", **metrics(target.sample(args.n, generator=g))})
     rows.append({"name": "BP", **metrics(plan.barycentric(x))})
     for r in rows:

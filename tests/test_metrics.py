@@ -30,15 +30,16 @@ def test_exact_conditional_reference_and_conditional_energy_against_a_closed_for
 
     ``exact_conditional_samples`` (POT potentials + self-normalised weights over target samples) must reproduce
     the closed-form conditional y | x ~ N(Mx, S): regression slope and residual variances of 1600 draws. Then
-    ``conditional_energy`` (the paired U-statistic) of closed-form conditional samples against it sits at the noise
+    ``paired_energy_distance`` (the paired U-statistic) of closed-form conditional samples against it sits at the noise
     level (8 seeds: −0.001 … 0.007; the same draws against 4 closed-form draws per x instead: ±0.003), while the
     independent coupling (0.05-0.07) and the conditional mean (BP's ideal, a point mass per x: 0.018-0.024) are
     clearly above it.
     """
     import numpy as np
 
-    from experiments.evaluation import conditional_energy, exact_conditional_samples
+    from experiments.evaluation import exact_conditional_samples
     from scones.data import Gaussian, StandardGaussian
+    from scones.metrics.sample_distances import paired_energy_distance
     from scones.ot import SquaredEuclidean
     from scones.ot.gaussian import entropic_conditional
 
@@ -56,10 +57,10 @@ def test_exact_conditional_reference_and_conditional_energy_against_a_closed_for
 
     exact = torch.from_numpy(truth.sample(x.double().numpy(), np.random.default_rng(0))).float()
     mean = torch.from_numpy(truth.mean(x.double().numpy())).float()
-    floor = conditional_energy(x, exact, ref)
+    floor = paired_energy_distance(x, exact, ref)
     assert abs(floor) < 0.01
-    assert conditional_energy(x, mean, ref) > floor + 0.008
-    assert conditional_energy(x, tgt.sample(n, generator=g), ref) > 0.03
+    assert paired_energy_distance(x, mean, ref) > floor + 0.008
+    assert paired_energy_distance(x, tgt.sample(n, generator=g), ref) > 0.03
 
 
 def test_paired_energy_distance_matches_brute_force_and_drops_same_source_pairs():

@@ -48,12 +48,11 @@ def gaussian_truth(source, target, regularizer, cost) -> dict | None:
 
 
 def pot_plan_reference(settings, problem, g) -> torch.Tensor | None:
-    """Joint samples (x, y) ~ POT's discrete entropic plan between ``eval.pot_reference_n`` fixed samples.
+    """Joint samples (x, y) ~ POT's discrete entropic plan (:func:`entropic_plan`) between ``eval.pot_reference_n``
+    fixed samples.
 
     Only for KL and flat vectors of dimension ≤ ``eval.pot_reference_max_dim`` (an O(n²) plan); else None.
     """
-    from scones.ot.discrete import sinkhorn
-
     source, target, cost, regularizer = problem
     n_ref = int(settings.pot_reference_n)
     if n_ref <= 0 or not isinstance(regularizer, KL) or len(source.shape) != 1:
@@ -61,7 +60,7 @@ def pot_plan_reference(settings, problem, g) -> torch.Tensor | None:
     if source.shape[0] > int(settings.pot_reference_max_dim):
         return None
     xr, yr = source.sample(n_ref, generator=g), target.sample(n_ref, generator=g)
-    plan = sinkhorn(xr, yr, regularizer.lam, cost=cost, max_iter=5000, tol=1e-6).plan
+    plan = entropic_plan(xr, yr, regularizer.lam, cost)
     idx = torch.multinomial(plan.flatten().float(), n_ref, replacement=True, generator=g)
     return torch.cat([xr[idx // n_ref], yr[idx % n_ref]], dim=1)
 

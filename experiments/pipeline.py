@@ -137,20 +137,25 @@ def assess_dual(run: RunSpec, potentials, source, target) -> dict:
         log.warning("dual health diagnostic failed: %s: %s", type(e).__name__, e)
         return {"health": None, "converged": None, "health_error": f"{type(e).__name__}: {e}"}
     out = {"health": h["health"], "converged": h["converged"], "health_detail": h}
+    mg, mo = h["marginal"], h.get("moments")
+    marginal = (f"marginal violation {mg['violation']:.4g} (threshold {mg['threshold']:.4g}, rows' median ESS "
+                f"{mg['ess']:.3g})")
+    moments = f"moment violation {mo['violation']:.4g} (threshold {mo['threshold']:.4g})" if mo else ""
     if h["converged"] is False:
+        why = marginal if h["method"] == "marginal" else f"{moments}; the marginal check cannot judge: {marginal}"
         out["warning"] = (
-            f"dual stage unconverged: {h['method']} marginal violation {h['health']:.4g} > threshold "
-            f"{h['threshold']:.4g} (dual.health in metrics.json); train longer (dual.steps), or check dual.lr"
+            f"dual stage unconverged: {why} (dual.health_detail in metrics.json); train longer (dual.steps), "
+            f"or check dual.lr"
         )
         log.warning(out["warning"])
     elif h["converged"] is None:
         out["warning"] = (
-            f"dual convergence not assessable: the plan is too sharp for the sample check (effective sample size "
-            f"{h['ess']:.3g} < 10 on {n} fresh samples)"
+            f"dual convergence cannot be judged: the plan is too sharp for the check on {n} fresh samples per side "
+            f"({marginal}; raise eval.dual_health_samples)"
         )
         log.warning(out["warning"])
     else:
-        log.info("dual: converged (%s marginal violation %.4g <= %.4g)", h["method"], h["health"], h["threshold"])
+        log.info("dual: converged (%s)", marginal if h["method"] == "marginal" else f"{moments}; {marginal}")
     return out
 
 

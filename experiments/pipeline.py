@@ -274,7 +274,8 @@ def evaluation_coupling(run: RunSpec, source, target, potentials, prior_score, b
                     _to(o, torch.device("cpu"))
 
 
-def sample_sharded(coupling: Coupling, x: torch.Tensor, y0: torch.Tensor, g: torch.Generator) -> torch.Tensor | None:
+def sample_sharded(coupling: Coupling, x: torch.Tensor, y0: torch.Tensor, g: torch.Generator,
+                   fraction: torch.Tensor | None = None) -> torch.Tensor | None:
     """:meth:`Coupling.run_chains` over all chunks of ``x``, shared out between the processes of a DDP run.
 
     With an initialised process group (``trainer=ddp``) rank r runs chunks r, r+W, r+2W, ... and rank 0 gathers all
@@ -290,7 +291,8 @@ def sample_sharded(coupling: Coupling, x: torch.Tensor, y0: torch.Tensor, g: tor
     out: dict[int, torch.Tensor] = {}
     error: Exception | None = None
     try:
-        out = {c: t.cpu() for c, t in coupling.run_chains(x, y0, seed, mine, callback=progress).items()}
+        out = {c: t.cpu() for c, t in coupling.run_chains(x, y0, seed, mine, callback=progress,
+                                                          fraction=fraction).items()}
     except (ValueError, NonFiniteSampleError) as e:
         error = e
     parts = gather_to_rank_zero((out, error))
@@ -322,7 +324,8 @@ def evaluate(run: RunSpec, problem: Problem, run_dir: Path, potentials, prior_sc
     trained = (run, source, drawn, potentials, prior_score, bp_net)
     with evaluation_coupling(*trained) as coupling:
         y_bp = coupling.barycentric(x).cpu()
-        y = sample_sharded(coupling, x, coupling.start_chains(x, y_bp, g), g)
+        y0, fraction = coupling.start(x, y_bp, g)
+        y = sample_sharded(coupling, x, y0, g, fraction)
     if y is None:  # rank > 0 of a DDP run: its chains went to rank 0, which computes and writes everything
         return None
     sampling_seconds = time.perf_counter() - t0

@@ -74,7 +74,7 @@ class NeuralDual(NetTraining):
     steps: Count | Auto  # auto: scones.autoconfig rules, resolved before the stages
     batch_size: Count | Auto
     lr: PositiveFloat | Auto
-    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_schedule: Literal["constant", "cosine"] | Auto = "constant"
 
 
 class OnlineSinkhornDual(Settings):

@@ -33,9 +33,9 @@ from torch import Tensor
 
 from scones.data.streams import mix_seed
 from scones.ot.dual import violation, violation_matrix
-from scones.sampling.conditional import initial_chains, resampled_chains, sample_conditional
+from scones.sampling.conditional import chains_per_input, initial_chains, resampled_chains, sample_conditional
 from scones.sampling.langevin import Callback
-from scones.sampling.settings import SamplerSettings, validate_sampler
+from scones.sampling.settings import SamplerSettings, refine_fraction, validate_sampler
 
 PriorScore = Callable[[Tensor, int], Tensor]
 
@@ -219,6 +219,13 @@ class Coupling:
         """Chain starts y₀ per ``sampler.init`` (:func:`scones.sampling.conditional.initial_chains`: source,
         T(x), T(x) + s·z or s·z with s the σ of the first annealing level run), one per row of ``x``, on
         :attr:`device`. ``y_bp`` = T(x) when already computed; else the BP network is run if the init needs it."""
+        return self.start(x, y_bp, generator)[0]
+
+    def start(self, x, y_bp: Tensor | None = None,
+              generator: torch.Generator | None = None) -> tuple[Tensor, Tensor | None]:
+        """``(y0, fraction)``: the chain starts of :meth:`start_chains` and, with ``sampler.refine=ess``, the share
+        of the Langevin schedule each chain runs (:func:`scones.sampling.settings.refine_fraction` of its input's
+        resampling ESS and number of chains; else None: every chain runs it all). Pass both to :meth:`run_chains`."""
         self._check_sampler()
         x = self._check_x(x)
         if y_bp is None and self.sampler.init.startswith("bp"):
@@ -228,8 +235,13 @@ class Coupling:
             y0, ess = resampled_chains(self.potentials, x, pool, generator)
             log.info("sampler.init=resample: effective sample size of the weights H(x, .) on %d pool samples: "
                      "median %.0f, min %.1f", pool.shape[0], float(ess.median()), float(ess.min()))
-            return y0
-        return initial_chains(self.sampler, x, None if y_bp is None else self._tensor(y_bp), generator)
+            if self.sampler.refine != "ess":
+                return y0, None
+            frac = refine_fraction(ess, chains_per_input(x))
+            log.info("sampler.refine=ess: share of the Langevin schedule per chain: median %.3g, min %.3g, max %.3g",
+                     float(frac.median()), float(frac.min()), float(frac.max()))
+            return y0, frac
+        return initial_chains(self.sampler, x, None if y_bp is None else self._tensor(y_bp), generator), None
 
     def resample_pool(self) -> Tensor:
         """The ``sampler.pool_size`` target samples that ``init: resample`` reweights, drawn once per Coupling
@@ -244,13 +256,14 @@ class Coupling:
         return -(-int(n) // self.batch_size)
 
     def run_chains(self, x, y0, seed: int, chunks: Iterable[int] | None = None,
-                   callback: Callback | None = None) -> dict[int, Tensor]:
+                   callback: Callback | None = None, fraction: Tensor | None = None) -> dict[int, Tensor]:
         """Langevin chains from ``y0`` on ∇_y log q + ∇_y log H(x_i, ·), in chunks of ``batch_size`` rows.
 
         Chunk c (rows c·batch_size …) draws its noise from its own generator on :attr:`device`, seeded with
         ``mix_seed(seed, c)``, so the samples do not depend on which process runs which chunk: a distributed
         caller runs a share of ``chunks`` per process and concatenates. Returns ``{c: samples of chunk c}``
         (on :attr:`device`) for the chunks asked (default all); ``callback`` sees every Langevin step.
+        ``fraction``: the per-chain share of the schedule from :meth:`start` (None: all of it).
         """
         self._check_sampler()
         x, y0 = self._check_x(x), self._tensor(y0)
@@ -260,7 +273,7 @@ class Coupling:
             g = torch.Generator(device=self.device).manual_seed(mix_seed(int(seed), int(c)))
             rows = slice(c * bs, (c + 1) * bs)
             out[c] = sample_conditional(self.prior_score, self.potentials, x[rows], y0[rows], self.sampler, bs, g,
-                                        callback=callback)
+                                        callback=callback, fraction=None if fraction is None else fraction[rows])
         return out
 
     def sample(self, x, n: int = 1, generator: torch.Generator | None = None,
@@ -275,8 +288,8 @@ class Coupling:
         if int(n) < 1:
             raise ValueError(f"n (samples per source) must be >= 1, got {n}")
         xs = self._check_x(x).repeat_interleave(int(n), dim=0)
-        y0 = self.start_chains(xs, generator=generator)
-        parts = self.run_chains(xs, y0, chunk_seed(generator), callback=callback)
+        y0, fraction = self.start(xs, generator=generator)
+        parts = self.run_chains(xs, y0, chunk_seed(generator), callback=callback, fraction=fraction)
         return torch.cat([parts[c] for c in sorted(parts)]).reshape(xs.shape[0] // int(n), int(n), *self.shape)
 
     def _check_sampler(self) -> None:

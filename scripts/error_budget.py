@@ -401,20 +401,22 @@ def mixture_main(argv: list[str] | None = None) -> None:
             y_bp = torch.cat([bp_net(xr[i : i + 10000]) for i in range(0, len(xr), 10000)]) if bp_net is not None \
                 else bench.conditional_mean(xr).float()
         g2 = torch.Generator().manual_seed(2)
+        frac = None  # sampler.refine=ess: the learned plan's ESS sets each chain's share of the schedule
         if s.init == "resample" and name in ("exact_dual", "exact_both", "smoothed", "init_exact"):  # exact H
             y0 = exact_resample(g2)
+        elif pot is not None:
+            y0, frac = Coupling(pot, source, target, prior_score=prior or s_star, sampler=s,
+                                batch_size=int(cfg.eval.batch_size)).start(xr, y_bp, g2)
         else:
-            y0 = Coupling(pot, source, target, prior_score=prior or s_star, sampler=s,
-                          batch_size=int(cfg.eval.batch_size)).start_chains(
-                xr, y_bp, g2) if pot is not None else initial_chains(s, xr, y_bp, g2)
+            y0 = initial_chains(s, xr, y_bp, g2)
         gen = torch.Generator().manual_seed(3)
         bs = int(cfg.eval.batch_size)
         if name.startswith("init_"):
             return y0
         if name == "scones":
-            return sample_conditional(prior, pot, xr, y0, s, bs, gen)
+            return sample_conditional(prior, pot, xr, y0, s, bs, gen, fraction=frac)
         if name == "exact_score":
-            return sample_conditional(s_star, pot, xr, y0, s, bs, gen)
+            return sample_conditional(s_star, pot, xr, y0, s, bs, gen, fraction=frac)
         # variants with G* or the smoothed conditional: the whole conditional score in the prior slot, no potentials
         out = []
         for i in range(0, xr.shape[0], bs):
@@ -428,7 +430,8 @@ def mixture_main(argv: list[str] | None = None) -> None:
                 # smoothed / exact_cond: the ideal annealed conditional
                 return smoothed_conditional_score(bench, xb, y, sig_list[lv] if s.kind == "annealed" else 0.0)
 
-            out.append(sample_conditional(fn, None, xb, y0[i : i + bs], s, bs, gen))
+            out.append(sample_conditional(fn, None, xb, y0[i : i + bs], s, bs, gen,
+                                          fraction=None if frac is None else frac[i : i + bs]))
         return torch.cat(out)
 
     exact = bench.sample_conditional(x, k, generator=torch.Generator().manual_seed(4))

@@ -153,3 +153,13 @@ def test_potential_bp_target_is_the_exact_barycentric_map_for_exact_potentials()
         assert loss == barycentric_loss(pot, net(x[:64]), x[:64], y, est)  # the module's loss is the pure function
     with pytest.raises(ValueError, match="bp.estimator"):
         BarycentricModule(net, pot, estimator="nope")
+
+
+@pytest.mark.parametrize("dim", [2, 16, 64])
+def test_mixture_benchmark_refines_by_ess_only_above_d16(tmp_path, dim):
+    """eot_benchmark's ``sampler.refine: auto``: ``ess`` at D = 64 (measured there, docs/results.md), the full
+    refinement the D ≤ 16 cells were measured with at D = 2 and 16."""
+    cfg = make_cfg(tmp_path, ["+experiment=eot_benchmark", f"data.dim={dim}"])
+    assert cfg.sampler.refine == "auto" and cfg.sampler.init == "resample"
+    p = autoconfig.ProblemScale(dim, 2.0, 1.0, "kl", 0.1, 1.0, 3.0)
+    assert autoconfig.rule("sampler.refine", p) == ("ess" if dim > 16 else "all")

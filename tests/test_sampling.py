@@ -126,3 +126,52 @@ def test_resampled_chains_follow_the_plan_of_the_potentials():
         np.testing.assert_allclose(np.cov(yi.T), cond.S, rtol=0.15, atol=0.05 * np.trace(cond.S))
     with pytest.raises(ValueError, match="resample needs"):
         initial_chains({"kind": "ula", "step_size": 0.1, "n_steps": 1, "init": "resample"}, x0)
+
+
+def test_per_chain_steps_keep_full_chains_on_their_path_and_freeze_the_rest():
+    """``chain_steps``: a chain with every step follows the same path as without it (same noise); one with 0 steps
+    stays at its start; steps no chain takes are skipped."""
+    y0 = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    sig = geometric_sigmas(0.1, 0.01, 3)
+
+    def run(**kw):
+        return annealed_langevin(lambda y, i: -y, y0, sig, 1e-2, 20, denoise=False, disable=True,
+                                 generator=torch.Generator().manual_seed(1), **kw)
+
+    full, part = run(), run(chain_steps=torch.tensor([20, 0, 5, 20]))
+    torch.testing.assert_close(part[[0, 3]], full[[0, 3]], rtol=0, atol=0)
+    torch.testing.assert_close(part[1], y0[1], rtol=0, atol=0)
+    assert not torch.allclose(part[2], full[2])
+    with pytest.raises(ValueError, match="chain_steps"):
+        run(chain_steps=torch.tensor([21, 0, 0, 0]))
+
+
+def test_refine_ess_shortens_refinement_where_the_pool_covers_the_plan():
+    """``sampler.refine=ess``: the share of the schedule is min(1, max(k, 100)/ESS); with exact potentials and a pool
+    that covers the plan the few steps left keep the resampled chains on the closed-form conditional."""
+    from scones.sampling.conditional import chains_per_input, resampled_chains, sample_conditional
+    from scones.sampling.settings import ESS_MIN, refine_fraction, validate_sampler
+
+    frac = refine_fraction(torch.tensor([1.2, 69444.0, 50.0, 1000.0]), torch.tensor([1280, 1280, 1, 1]))
+    torch.testing.assert_close(frac, torch.tensor([1.0, 1280 / 69444, 1.0, ESS_MIN / 1000]))
+    A, B, pot, target = _exact_problem(2, 0, lam=4.0)
+    cond = entropic_conditional(A, B, 4.0)
+    g = torch.Generator().manual_seed(0)
+    pool = target.sample(40000, generator=g)
+    x0 = torch.tensor([[2.0, -1.5], [-1.0, 0.5]])
+    n = 1000
+    x = x0.repeat_interleave(n, dim=0)
+    y0, ess = resampled_chains(pot, x, pool, generator=g)
+    frac = refine_fraction(ess, chains_per_input(x))
+    assert bool((chains_per_input(x) == n).all()) and float(frac.max()) < 0.5, frac.max()
+    s = validate_sampler({"kind": "annealed", "init": "resample", "refine": "ess", "sigma_max": 0.1,
+                          "sigma_min": 0.01, "n_levels": 3, "step_lr": 1e-3, "n_steps_each": 50})
+    y = sample_conditional(lambda y, i: target.score(y), pot, x, y0, s, 10**6, g, fraction=frac)
+    assert not torch.equal(y, y0)
+    for i in range(2):
+        yi = y[i * n : (i + 1) * n].double().numpy()
+        mean_err = yi.mean(0) - cond.mean(x0[i : i + 1].double().numpy())[0]
+        assert np.all(np.abs(mean_err) < 8 * np.sqrt(np.diag(cond.S) / n)), mean_err
+        np.testing.assert_allclose(np.cov(yi.T), cond.S, rtol=0.2, atol=0.05 * np.trace(cond.S))
+    with pytest.raises(ValueError, match="needs sampler.init=resample"):
+        validate_sampler({"kind": "ula", "step_size": 0.1, "n_steps": 1, "init": "bp", "refine": "ess"})

@@ -162,12 +162,14 @@ def sample_conditional(
     batch_size: int,
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
+    fraction: Tensor | None = None,
 ) -> Tensor:
     """One SCONES sample y ~ π(· | x_i) per row of ``x``, chains started at ``y0`` (shapes ``(n, *shape)``).
 
     Runs ``sampler`` (``ULA`` or ``Annealed``, :meth:`~scones.sampling.settings.SamplerSettings.run`) on the
     conditional score :class:`ConditionalScore` with ``sampler.guidance``, ``batch_size`` chains at a time;
-    ``callback`` receives every Langevin step (progress reports).
+    ``callback`` receives every Langevin step (progress reports). ``fraction`` (``(n,)``, optional): the share
+    of the schedule each chain runs (``sampler.refine=ess``, :func:`~scones.sampling.settings.refine_fraction`).
     """
     sampler = validate_sampler(sampler)
     if int(batch_size) < 1:
@@ -176,5 +178,12 @@ def sample_conditional(
     for i in range(0, x.shape[0], int(batch_size)):
         xb, yb = x[i : i + int(batch_size)], y0[i : i + int(batch_size)]
         model = ConditionalScore(prior_score, potentials, xb, guidance=sampler.guidance)
-        out.append(sampler.run(model, yb, generator, callback))
+        fb = None if fraction is None else fraction[i : i + int(batch_size)]
+        out.append(sampler.run(model, yb, generator, callback, fraction=fb))
     return torch.cat(out)
+
+
+def chains_per_input(x: Tensor) -> Tensor:
+    """For each row of ``x``, how many rows of ``x`` equal it (protocols repeat each input k times), ``(n,)``."""
+    _, inverse, counts = torch.unique(x.reshape(x.shape[0], -1), dim=0, return_inverse=True, return_counts=True)
+    return counts[inverse]

@@ -80,9 +80,20 @@ def online_sinkhorn_dual(run: RunSpec, stage: Stage, problem: Problem):
     return pot
 
 
-def dual_stage(run: RunSpec, problem: Problem, tracker: Tracker | None = None) -> tuple[Any, Stage]:
-    """The dual potentials (``run.dual``): neural (trained, then calibrated) or Online Sinkhorn."""
-    stage = make_stage(run.training, run.dual)
+def uses_langevin_estimator(run: RunSpec) -> bool:
+    """The neural dual trains on samples of its plan (``dual.estimator=langevin``): it needs the score first."""
+    return run.dual.settings.kind == "neural" and getattr(run.dual.settings, "estimator", "pairs") == "langevin"
+
+
+def dual_stage(run: RunSpec, problem: Problem, tracker: Tracker | None = None, prior_score=None,
+               score: Stage | None = None) -> tuple[Any, Stage]:
+    """The dual potentials (``run.dual``): neural (trained, then calibrated) or Online Sinkhorn.
+
+    ``dual.estimator=langevin`` needs ``prior_score`` (the score stage's, run first: :func:`score_stage` is called
+    here when it is not given); a learned score's stage key (``score``) then enters the dual's cache key."""
+    if prior_score is None and uses_langevin_estimator(run):
+        prior_score, score = score_stage(run, problem.target, tracker)
+    stage = make_stage(run.training, run.dual, *([score.key] if score is not None else []))
     if run.dual.settings.kind == "online_sinkhorn":
         return online_sinkhorn_dual(run, stage, problem), stage
     ds = run.dual.settings
@@ -90,10 +101,23 @@ def dual_stage(run: RunSpec, problem: Problem, tracker: Tracker | None = None) -
     pl.seed_everything(run.seed, workers=True, verbose=False)
     net = run.dual.node("net")
     pot = DualPotentials(net.build(dim=problem.dim), net.build(dim=problem.dim), cost, regularizer)
+    langevin = {}
+    if uses_langevin_estimator(run):
+        from scones.sampling.chains import ConditionalChains
+
+        lg = ds.langevin
+        if prior_score is None or not hasattr(cost, "scale"):
+            raise ConfigError("dual.estimator=langevin needs the target's score and the squared cost "
+                              "(cost=squared_euclidean or mean_squared); use dual.estimator=pairs")
+        if "auto" in (lg.step_size, lg.burn_in):
+            raise ConfigError("dual.langevin.step_size / burn_in are 'auto' but were not resolved; set numbers")
+        chains = ConditionalChains(int(ds.batch_size), tuple(source.shape), float(lg.step_size),
+                                   int(lg.steps_per_update), int(lg.burn_in), seed=run.seed + 6)
+        langevin = {"estimator": "langevin", "prior_score": prior_score, "chains": chains}
     module = DualModule(
         pot, lr=ds.lr, pairs=ds.pairs, skip_nonfinite=ds.skip_nonfinite,
         objective=dual_objective_name(ds.objective, regularizer), lr_schedule=ds.lr_schedule,
-        **health_logging(run, source, target),
+        **health_logging(run, source, target), **langevin,
     )
     loader = stream_loader([source, target], ds.batch_size, run.seed + 1, run.training.num_workers)
     run_training_stage(run.training, stage, module, loader, int(ds.steps), pot, tracker)
@@ -169,7 +193,9 @@ def dual_objective_name(objective: str, regularizer) -> str:
 def calibrate_dual(run: RunSpec, pot, source, target) -> None:
     """``dual.objective=logmeanexp``: fix the constant J' cannot see, so that E_{p⊗q}[H] = 1 on
     ``dual.calibration_samples`` fresh samples per side (seeded: a cached stage gets the same shift)."""
-    if dual_objective_name(run.dual.settings.objective, pot.regularizer) != "logmeanexp":
+    if dual_objective_name(run.dual.settings.objective, pot.regularizer) != "logmeanexp" and not (
+        uses_langevin_estimator(run)
+    ):
         return
     from scones.ot.dual import calibrate_mass_
 
@@ -381,10 +407,15 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
     tracker = Tracker.from_config(cfg, run_dir)
     exit_code = 1
     try:
-        potentials, dual = dual_stage(spec, problem, tracker)
+        if uses_langevin_estimator(spec):  # the dual trains on the plan's conditional chains: score first
+            prior_score, score = score_stage(spec, problem.target, tracker)
+            potentials, dual = dual_stage(spec, problem, tracker, prior_score, score)
+        else:
+            potentials, dual = dual_stage(spec, problem, tracker)
         with threadpool_limits(limits=1, user_api="blas"):
             health = assess_dual(spec, potentials, problem.source, problem.target) if is_rank_zero() else {}
-        prior_score, score = score_stage(spec, problem.target, tracker)
+        if not uses_langevin_estimator(spec):
+            prior_score, score = score_stage(spec, problem.target, tracker)
         bp_net, bp = bp_stage(spec, problem, potentials, dual, tracker)
         stages = {"dual": dual, "score": score, "bp": bp}
         if not is_distributed() and not is_rank_zero():

@@ -20,7 +20,7 @@ from pydantic_core import PydanticCustomError
 
 from scones.ot.barycentric import Estimator
 from scones.ot.costs import Reduction
-from scones.ot.dual import Objective, Pairs
+from scones.ot.dual import DualEstimator, Objective, Pairs
 from scones.sampling.settings import Sampler
 from scones.settings import Auto, Count, NonNegativeFloat, NonNegativeInt, PositiveFloat, Settings, by_kind, order_error
 
@@ -65,6 +65,14 @@ class NetTraining(Settings):
     skip_nonfinite: bool = False
 
 
+class LangevinEstimator(Settings):
+    """``dual.langevin``: the chains of ``dual.estimator=langevin`` (scones.sampling.chains)."""
+
+    steps_per_update: Count = 10
+    step_size: PositiveFloat | Auto = "auto"  # auto: the rule of sampler.step_size
+    burn_in: Count | Auto = "auto"  # auto: scones.autoconfig (4 × the widest conditional variance / step)
+
+
 class NeuralDual(NetTraining):
     kind: Literal["neural"]
     net: Target
@@ -75,6 +83,8 @@ class NeuralDual(NetTraining):
     batch_size: Count | Auto
     lr: PositiveFloat | Auto
     lr_schedule: Literal["constant", "cosine"] | Auto = "constant"
+    estimator: Literal[DualEstimator, "auto"] = "pairs"  # auto: scones.autoconfig's rule
+    langevin: LangevinEstimator = LangevinEstimator()
 
 
 class OnlineSinkhornDual(Settings):

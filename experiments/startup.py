@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from experiments.validation import ConfigError, read_settings
 
@@ -119,6 +119,11 @@ def resolve_auto_settings(cfg: DictConfig, problem: Problem) -> dict:
     target samples). Returns ``{"values": {key: value}, "scale": {...}}`` (empty when nothing is ``auto``)."""
     from scones import autoconfig
 
+    if OmegaConf.select(cfg, "dual.estimator") in ("langevin", autoconfig.AUTO):  # chains' settings: auto if absent
+        with open_dict(cfg):
+            for k in ("dual.langevin.step_size", "dual.langevin.burn_in"):
+                if OmegaConf.select(cfg, k) is None:
+                    OmegaConf.update(cfg, k, autoconfig.AUTO, merge=False, force_add=True)
     requested = {k: OmegaConf.select(cfg, k) for k in autoconfig.KEYS}
     if not any(v == autoconfig.AUTO for v in requested.values() if isinstance(v, str)):
         return {}

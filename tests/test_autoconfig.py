@@ -43,7 +43,14 @@ def test_rules_dual_and_eval_settings_per_regime(dim, lam):
     sharp = p.sharpness > 4
     assert (lam == 1.0 and dim >= 16) <= sharp and (lam >= 2 * dim) <= (not sharp)
     assert r["dual.batch_size"] == (1000 if sharp else 500)
-    assert r["dual.steps"] >= 3000 and (dim <= 16) == (r["dual.steps"] == 3000)
+    # the weighted batch pairs up to the plan's information I = (d/2) log(1 + κ) ≈ 20 nats (converged at d = 16, λ = 1
+    # and d = 64, λ = 16); plan samples from conditional chains beyond (d = 64, λ = 1: I ≈ 80), with fewer steps
+    langevin = dim == 64 and lam == 1.0
+    assert r["dual.estimator"] == ("langevin" if langevin else "pairs")
+    if langevin:
+        assert r["dual.steps"] == 2000
+    else:
+        assert r["dual.steps"] >= 3000 and (dim <= 16) == (r["dual.steps"] == 3000)
     # BW-UVP floor ~ d/n: the protocol keeps n/d >= 125 (d = 16: 2000; d = 64: 10⁴)
     assert r["eval.n_samples"] >= 2000 and r["eval.n_samples"] / dim >= 125
     assert autoconfig.rule("dual.objective", autoconfig.ProblemScale(dim, lam, 1.0, "chi2", 1, 1, 1)) == "dual"
@@ -58,6 +65,25 @@ def test_the_lam_2d_table_keeps_its_settings():
         assert 0.05 / 2 <= autoconfig.rule("sampler.step_size", p) <= 0.05 * 2
         assert autoconfig.rule("dual.batch_size", p) == 500 and autoconfig.rule("dual.steps", p) == 3000
         assert autoconfig.rule("eval.n_samples", p) == 2000
+
+
+def test_langevin_estimator_rules_for_the_d64_lam1_regime():
+    """d = 64, λ = 1: chains with the sampler's step, a burn-in after which the chains used (ages burn_in … 3 burn_in)
+    lack on average ≤ 1 % of the widest exact conditional variance from their mean start (the rule's v_c ignores ψ's
+    curvature and is 2× too small here: that is what the test checks against), 2000 steps; an explicit
+    ``dual.estimator=pairs`` keeps the pairs' step count (the steps rule reads the estimator actually used)."""
+    p, S = gaussian_scale(64, 1.0)
+    out = autoconfig.resolve_auto({k: "auto" for k in autoconfig.KEYS}, p)
+    assert out["dual.estimator"] == "langevin" and out["dual.steps"] == 2000 and out["dual.batch_size"] == 1000
+    assert out["dual.langevin.step_size"] == out["sampler.step_size"]
+    h, burn = out["dual.langevin.step_size"], out["dual.langevin.burn_in"]
+    v = np.linalg.eigvalsh(S).max()
+    rate = 2 * h / v  # the variance deficit of a chain started at the mean decays as exp(−rate·age)
+    mean_deficit = (np.exp(-rate * burn) - np.exp(-rate * 3 * burn)) / (rate * 2 * burn)
+    assert mean_deficit <= 0.01 and burn <= 1000, (mean_deficit, burn)
+    kept = autoconfig.resolve_auto({"dual.estimator": "pairs", "dual.steps": "auto"}, p)
+    assert kept == {"dual.steps": 6000}
+    assert autoconfig.rule("dual.estimator", autoconfig.ProblemScale(64, 1.0, 1.0, "chi2", 1, 5, 10)) == "pairs"
 
 
 def test_resolve_auto_only_touches_auto_values():

@@ -6,8 +6,9 @@ from __future__ import annotations
 import torch
 
 from scones.models.base import StageModule
-from scones.ot.dual import OBJECTIVES, DualPotentials, _kl_lam, dual_objective
+from scones.ot.dual import ESTIMATORS, OBJECTIVES, DualPotentials, _kl_lam, dual_objective, semidual_langevin_losses
 from scones.ot.health import marginal_violation
+from scones.sampling.chains import ConditionalChains
 
 
 class DualModule(StageModule):
@@ -20,6 +21,12 @@ class DualModule(StageModule):
     :func:`scones.ot.health.marginal_violation` (the violation → below 2× its noise at convergence; cheap: one
     n × m pass, no derivatives), every ``health_every`` steps. ``lr_schedule="cosine"`` decays the learning rate
     to 0 over the stage (the late, small steps average the heavy-tailed gradient noise of a sharp plan out).
+
+    ``estimator="langevin"`` (KL, squared cost; needs ``prior_score(y, level)``, the target's score, and ``chains``,
+    a :class:`~scones.sampling.chains.ConditionalChains` pool of the batch size) replaces the weighted batch pairs by
+    samples of the plan (:func:`~scones.ot.dual.semidual_langevin_losses`): each step refreshes and advances the
+    chains with the current potentials, new chains start at x − ∇φ(x)/2s; logs ``train/gap`` (→ 0) and
+    ``train/phi_fit`` instead of ``train/dual``.
     """
 
     stage = "dual"
@@ -36,6 +43,9 @@ class DualModule(StageModule):
         health_data=None,
         health_every: int = 0,
         lr_schedule: str = "constant",
+        estimator: str = "pairs",
+        prior_score=None,
+        chains: ConditionalChains | None = None,
     ) -> None:
         super().__init__(lr, skip_nonfinite, betas=tuple(betas), weight_decay=weight_decay)
         if objective not in OBJECTIVES:
@@ -44,13 +54,45 @@ class DualModule(StageModule):
             _kl_lam(potentials, "dual.objective=logmeanexp")
         if lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"dual.lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"dual.estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}")
+        if estimator == "langevin":
+            _kl_lam(potentials, "dual.estimator=langevin")
+            if prior_score is None or chains is None:
+                raise ValueError("dual.estimator=langevin needs the target's score (prior_score) and the chains")
         self.potentials, self.pairs, self.objective = potentials, pairs, objective
+        self.estimator, self.prior_score, self.chains = estimator, prior_score, chains
         self.health_data, self.health_every, self.lr_schedule = health_data, int(health_every), lr_schedule
 
     def loss(self, batch):
         x, y = batch
+        if self.estimator == "langevin":
+            return self._langevin_loss(x, y)
         j, mean_h = dual_objective(self.potentials, x, y, self.pairs, self.objective)
         return -j, {"train/dual": j, "train/mean_H": mean_h}
+
+    def _chain_start(self, x):
+        """x − ∇φ(x)/2s: the conditional mean implied by φ (a new chain starts at the plan's centre)."""
+        s = float(self.potentials.cost.scale(x))
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(self.potentials.phi(xg).sum(), xg)
+        return (x - g / (2.0 * s)).detach()
+
+    def _langevin_loss(self, x, y):
+        usable = self.chains.update(self.potentials, self.prior_score, x, self._chain_start)
+        loss_psi, loss_phi, gap = semidual_langevin_losses(
+            self.potentials, self.chains.x[usable], self.chains.y[usable], y
+        )
+        return loss_psi + loss_phi, {"train/gap": gap, "train/phi_fit": loss_phi.detach()}
+
+    def on_save_checkpoint(self, checkpoint) -> None:
+        if self.chains is not None:
+            checkpoint["chains_rng"] = self.chains.generator.get_state()
+
+    def on_load_checkpoint(self, checkpoint) -> None:
+        if self.chains is not None and "chains_rng" in checkpoint:
+            self.chains.generator.set_state(checkpoint["chains_rng"])
 
     def training_step(self, batch, batch_idx):
         loss = super().training_step(batch, batch_idx)

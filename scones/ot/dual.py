@@ -14,6 +14,15 @@ For KL with a small λ the penalty λ(exp(V/λ) − 1) is stiff: at initialisati
 
 whose gradient is E_p[∇φ] − E_π̂[∇φ] (+ the same for ψ) with π̂ the normalised plan: the same maximiser up to
 the constant (φ + k, ψ) that J' cannot see. :func:`calibrate_mass_` restores it after training (E[H] = 1).
+
+Both estimate E_π̂ by weighting the independent pairs of a batch. When the plan is so sharp that no pair of a batch
+is a plausible plan pair (mutual information of π of tens of nats: KL λ = 1 at d = 64 has ≈ 72), that estimate is
+dominated by the one best pair and is biased: even the exact potentials are not a fixed point (docs/results.md).
+:func:`semidual_langevin_losses` (``dual.estimator=langevin``, KL with the squared cost) uses samples of the plan
+itself instead: the semi-dual J(ψ) = E_q[ψ] − λ E_p log E_q[exp((ψ − c)/λ)] (φ = the soft c-transform of ψ) has the
+gradient E_q[∇ψ] − E_{x~p, y~π_ψ(·|x)}[∇ψ(y)], and y ~ π_ψ(· | x) is what the SCONES sampler draws (persistent
+conditional Langevin chains, :class:`scones.sampling.chains.ConditionalChains`); φ is learned through the
+c-transform's gradient identity ∇φ(x) = 2s(x − E_π[y | x]), a regression on the same chains.
 """
 
 from __future__ import annotations
@@ -111,6 +120,35 @@ def dual_objective(
     if getattr(pot.regularizer, "name", None) == "kl":  # H = exp(V/λ) = 1 + H*(V)/λ: no second n² exp for the log
         return j, 1.0 + penalty.detach() / pot.regularizer.lam
     return j, pot.regularizer.density(v.detach()).mean()
+
+
+DualEstimator = Literal["pairs", "langevin"]
+"""How the dual's expectation under the plan is estimated: weighted independent batch pairs (:func:`dual_objective`)
+or samples of the plan from conditional Langevin chains (:func:`semidual_langevin_losses`)."""
+ESTIMATORS: tuple[str, ...] = get_args(DualEstimator)
+
+
+def semidual_langevin_losses(pot, x: Tensor, y_plan: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Losses of the ``langevin`` estimator (KL, squared cost c = s‖x − y‖²) on one update.
+
+    ``x`` (n) sources with ``y_plan`` (n) samples of the current plan π_ψ(· | x) (chains, detached), ``y`` (m) fresh
+    target samples. Returns ``(loss_psi, loss_phi, gap)``:
+
+    - ``loss_psi = −(mean ψ(y) − mean ψ(y_plan))``: minus the semi-dual, whose ψ-gradient is exactly
+      −(E_q[∇ψ] − E_π[∇ψ]) (the plan's samples carry the λ log E_q exp term);
+    - ``loss_phi = mean ‖∇φ(x)/2s − (x − y_plan)‖²``: φ = the soft c-transform of ψ, fitted through
+      ∇φ(x) = 2s(x − E_π[y | x]) (the conditional mean the health check and the ``potential`` BP read from φ);
+    - ``gap = mean ψ(y) − mean ψ(y_plan)`` (detached): the y-marginal's ψ-moment mismatch, → 0 at convergence.
+    """
+    _kl_lam(pot, "dual.estimator=langevin")
+    s = float(pot.cost.scale(x)) if hasattr(pot.cost, "scale") else 1.0
+    gap = pot.psi(y).mean() - pot.psi(y_plan.detach()).mean()
+    with torch.enable_grad():
+        xg = x.detach().requires_grad_(True)
+        (grad_phi,) = torch.autograd.grad(pot.phi(xg).sum(), xg, create_graph=True)
+    resid = grad_phi / (2.0 * s) - (xg.detach() - y_plan.detach())
+    loss_phi = resid.reshape(resid.shape[0], -1).pow(2).sum(1).mean()
+    return -gap, loss_phi, gap.detach()
 
 
 def _kl_lam(pot, what: str) -> float:

@@ -162,6 +162,7 @@ def assess_dual(run: RunSpec, potentials, source, target) -> dict:
         return {"health": None, "converged": None, "health_error": f"{type(e).__name__}: {e}"}
     out = {"health": h["health"], "converged": h["converged"], "health_detail": h}
     mg, mo = h["marginal"], h.get("moments")
+    mo = mo if mo and "violation" in mo else None
     marginal = (f"marginal violation {mg['violation']:.4g} (threshold {mg['threshold']:.4g}, rows' median ESS "
                 f"{mg['ess']:.3g})")
     moments = f"moment violation {mo['violation']:.4g} (threshold {mo['threshold']:.4g})" if mo else ""

@@ -170,6 +170,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         h = r["learned"]
         mg, mo = h["marginal"], h.get("moments")
+        mo = mo if mo and "violation" in mo else None
         ex = r.get("exact")
         acc = r.get("accuracy", {})
         acc_s = "–"

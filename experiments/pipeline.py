@@ -223,6 +223,7 @@ def score_stage(run: RunSpec, target, tracker: Tracker | None = None) -> tuple[A
     check_score_schedule(run.sampler, net, sigmas)
     module = ScoreModule(
         net, sigmas, lr=sc.lr, skip_nonfinite=sc.skip_nonfinite, ema_decay=sc.ema_decay,
+        anneal_power=sc.anneal_power, lr_schedule=sc.lr_schedule,
         callbacks=images.score_callbacks(run.eval.settings.score_grid, run.seed, stage.dir, target),
     )
     loader = stream_loader([target], sc.batch_size, run.seed + 11, run.training.num_workers)

@@ -100,6 +100,8 @@ class LearnedScore(NetTraining):
     sigma_min: PositiveFloat
     n_levels: Count
     ema_decay: float | None = None
+    anneal_power: NonNegativeFloat = 2.0  # DSM weight sigma^p per level (2: NCSN; < 2 weights the small levels more)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
 
     @model_validator(mode="after")
     def _schedule(self) -> LearnedScore:

@@ -196,7 +196,7 @@ def main() -> None:
     module.eval()
     trained = images.train_label_classifier(spec.eval.settings.label_consistency, spec.seed, target)
     feats = PenultimateFeatures(trained["classifier"])
-    bg_mask = target.images.mean(0)[0] < 0.01
+    bg_mask = images.background_mask(target.images)
     pool_size = int(cfg.sampler.get("pool_size", 10000))
     # as the evaluation: target images without the feature-FID reference ones (the classifier's held-out images);
     # "all": the whole target set, reference images included (a copied reference image beats the floor)
@@ -205,8 +205,8 @@ def main() -> None:
     RESAMPLE_POOL["all"] = target.sample(pool_size, generator=torch.Generator().manual_seed(0))
 
     def bg(y: torch.Tensor) -> tuple[float, float, float]:
-        v = y[:, 0][:, bg_mask]
-        return float(v.abs().mean()), float(v.pow(2).mean().sqrt()), float(v.mean())
+        b = images.background_stats(y, bg_mask)
+        return b["abs"], b["rms"], b["signed"]
 
     g = torch.Generator().manual_seed(int(cfg.seed) + 100)
     x, x_labels = images.sample_with_labels(source, args.n, g)

@@ -225,6 +225,55 @@ def test_score_module_ema_is_checkpointed_restored_and_used_for_sampling(tmp_pat
     pickle.loads(pickle.dumps(module))  # spawn-safe (ddp_spawn pickles the module)
 
 
+class _ZeroScore(nn.Module):
+    def forward(self, y, sigma):
+        return torch.zeros_like(y)
+
+
+@pytest.mark.parametrize("power", [2.0, 1.0])
+def test_score_module_dsm_weight_sigma_power(power):
+    # a score of 0 leaves the whole target z/σ: loss = ½ σ^p ‖z/σ‖², E = ½ D · mean_l σ_l^(p−2) over uniform levels
+    sig = geometric_sigmas(1.0, 0.01, 4)
+    module = ScoreModule(_ZeroScore(), sig, anneal_power=power)
+    torch.manual_seed(0)
+    n, d = 20000, 16
+    loss = float(module.loss(torch.zeros(n, 1, 4, 4))[0])
+    m1, m2 = float(sig.pow(power - 2).mean()), float(sig.pow(2 * (power - 2)).mean())
+    expected = 0.5 * d * m1
+    sd = math.sqrt(0.25 * m2 * d * (d + 2) - expected**2)  # ‖z‖² ~ χ²_d: E = d, E[·²] = d(d + 2)
+    assert loss == pytest.approx(expected, abs=5 * sd / math.sqrt(n))
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_score_module_lr_schedule(tmp_path, schedule):
+    import pytorch_lightning as pl
+
+    sig = geometric_sigmas(1.0, 0.01, 4)
+    module = ScoreModule(NCSN(1, ngf=4, sigmas=sig), sig, lr=1e-3, lr_schedule=schedule)
+    trainer = pl.Trainer(max_steps=4, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path, enable_checkpointing=False)
+    trainer.fit(module, train_dataloaders=_score_batches(4))
+    lr = trainer.optimizers[0].param_groups[0]["lr"]
+    assert lr == (1e-3 if schedule == "constant" else pytest.approx(0.0, abs=1e-12))
+    with pytest.raises(ValueError, match="score.lr_schedule"):
+        ScoreModule(NCSN(1, ngf=4, sigmas=sig), sig, lr_schedule="linear")
+
+
+def test_background_statistic():
+    target = torch.zeros(3, 1, 4, 4)
+    target[:, :, 1:3, 1:3] = 1.0
+    target[0, 0, 0, 0] = 0.02  # mean 0.0067 < 0.01: still background
+    mask = images.background_mask(target)
+    assert int(mask.sum()) == 12 and not bool(mask[1:3, 1:3].any())
+    y = torch.zeros(2, 1, 4, 4)
+    y[0][:, mask] = 0.1
+    y[1][:, mask] = -0.3
+    y[:, :, 1:3, 1:3] = 5.0  # foreground values do not count
+    b = images.background_stats(y, mask)
+    assert b["abs"] == pytest.approx(0.2) and b["signed"] == pytest.approx(-0.1)
+    assert b["rms"] == pytest.approx(math.sqrt((0.01 + 0.09) / 2))
+
+
 # ------------------------------------------------------------------------------------------------ grids / metrics
 
 

@@ -64,6 +64,9 @@ class ScoreModule(StageModule):
             updated after every optimizer step; NCSNv2 uses 0.999). The EMA is part of ``state_dict()``
             (``_extra_state``), hence of the Lightning checkpoint and of the stage's ``final.pt``, and
             :meth:`score` samples with the averaged weights.
+        anneal_power: p of the DSM weight σ^p (:func:`dsm_loss`; 2 = NCSN, every level's loss of unit scale for a
+            net that predicts −z; a smaller p weights the small levels more, by (σ_1/σ_L)^(2−p) at the ends).
+        lr_schedule: ``"constant"`` or ``"cosine"`` (Adam's rate decays to 0 over the trainer's ``max_steps``).
         callbacks: extra Lightning callbacks this module brings to its trainer (e.g. sample grids).
     """
 
@@ -76,10 +79,14 @@ class ScoreModule(StageModule):
         lr: float = 1e-3,
         skip_nonfinite: bool = False,
         ema_decay: float | None = None,
+        anneal_power: float = 2.0,
+        lr_schedule: str = "constant",
         callbacks: list | None = None,
     ) -> None:
         super().__init__(lr, skip_nonfinite)
-        self.net = net
+        if lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"score.lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
+        self.net, self.anneal_power, self.lr_schedule = net, float(anneal_power), lr_schedule
         self.register_buffer("sigmas", torch.as_tensor(sigmas, dtype=torch.float32))
         # in a list, not a registered submodule: the optimiser never sees it and the state_dict keeps the plain
         # ``_extra_state["ema"] = {decay, shadow}`` format (older final.pt files load); starts on the first step
@@ -93,10 +100,17 @@ class ScoreModule(StageModule):
 
     def loss(self, batch):
         y = batch[-1] if isinstance(batch, (tuple, list)) else batch
-        return dsm_loss(self.net, y, self.sigmas), {}
+        return dsm_loss(self.net, y, self.sigmas, anneal_power=self.anneal_power), {}
 
     def configure_callbacks(self):
         return self._extra_callbacks
+
+    def configure_optimizers(self):
+        opt = super().configure_optimizers()
+        if self.lr_schedule == "constant":
+            return opt
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, int(self.trainer.max_steps)))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)

@@ -179,7 +179,7 @@ EVALUATORS: tuple[Evaluator, ...] = (
     Evaluator("density", ("density",), lambda ctx: ctx.coupling.has_density, density_metrics),
     Evaluator("conditional", ("conditional",), lambda ctx: hasattr(_benchmark(ctx), "conditional_moments"),
               conditional_metrics),
-    Evaluator("images", ("methods", "fid", "label_classifier", "feature_fid", "timings_s"),
+    Evaluator("images", ("methods", "fid", "label_classifier", "feature_fid", "background", "timings_s"),
               lambda ctx: ctx.problem.is_image, image_metrics),
     Evaluator("run", ("auto", "timings_s", "stages", "experiment", "n_samples"), _always, run_record),
 )

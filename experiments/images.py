@@ -376,11 +376,13 @@ def evaluate_images(
     ``ys`` maps method → samples ``(n, C, H, W)`` paired with ``x`` (``scones``, ``bp``, ``independent``);
     ``resample(x_r)`` draws fresh SCONES samples for the sources ``x_r`` (extra samples of the grid).
 
-    Returns ``{"per_method": {m: {"label_consistency"}?}, "fid": {m: value | None, "source", "n_real", "n_fake",
-    "extractor", "skipped"}, "label_classifier": {...}?, "feature_fid": {...}?, "timings_s": seconds}``
+    Returns ``{"per_method": {m: {"label_consistency"?, "background"?}}, "fid": {m: value | None, "source",
+    "n_real", "n_fake", "extractor", "skipped"}, "label_classifier": {...}?, "feature_fid": {...}?,
+    "background"?: {"pixels", "target"}, "timings_s": seconds}``
     (``per_method`` entries are merged into ``metrics["methods"]``; FID stays in its own block because it may be
-    null; ``feature_fid`` (digit pairs) is :func:`feature_fid_scores`). The grid is drawn last, captioned with the
-    feature FID and label consistency.
+    null; ``feature_fid`` (digit pairs) is :func:`feature_fid_scores`; ``background`` (image sets with pixels the
+    target set's mean image leaves below 0.01): mean |y| there per method, :func:`background_stats`, and the same of
+    the target images). The grid is drawn last, captioned with the feature FID and label consistency.
     """
     t0 = time.perf_counter()
     fid = fid_scores(settings.fid, target, ys, x, g)
@@ -396,6 +398,13 @@ def evaluate_images(
     feature_fid = feature_fid_scores(settings.feature_fid, seed, trained, x, ys) if trained is not None else None
     if feature_fid is not None:
         out["feature_fid"] = feature_fid
+    images_ = getattr(target, "images", None)
+    if images_ is not None:  # image sets: the background statistic `bg` (docs/images.md)
+        mask = background_mask(images_)
+        if bool(mask.any()):
+            for name, y in ys.items():
+                per_method[name]["background"] = background_stats(y, mask)["abs"]
+            out["background"] = {"pixels": int(mask.sum()), "target": background_stats(images_, mask)["abs"]}
     grid = settings.grid
     r, k = min(int(grid.n_sources), x.shape[0]), max(1, int(grid.samples_per_source))
     if r > 0:

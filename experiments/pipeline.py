@@ -41,6 +41,8 @@ from scones.sampling.langevin import NonFiniteSampleError
 from scones.sampling.schedules import geometric_sigmas
 from scones.sampling.settings import SamplerSettings
 
+BASELINE_SAMPLES = 5000  # target samples the score net's Gaussian baseline (score.net.gaussian_baseline) is fit on
+
 log = logging.getLogger(__name__)
 
 
@@ -221,6 +223,8 @@ def score_stage(run: RunSpec, target, tracker: Tracker | None = None) -> tuple[A
     pl.seed_everything(run.seed + 10, workers=True, verbose=False)
     net = run.score.node("net").build(dim=int(np.prod(target.shape)))
     check_score_schedule(run.sampler, net, sigmas)
+    if getattr(net, "gaussian_baseline", False):  # per-pixel data statistics of the net's Gaussian baseline
+        net.fit_baseline(target.sample(BASELINE_SAMPLES, generator=torch.Generator().manual_seed(run.seed + 12)))
     module = ScoreModule(
         net, sigmas, lr=sc.lr, skip_nonfinite=sc.skip_nonfinite, ema_decay=sc.ema_decay,
         anneal_power=sc.anneal_power, lr_schedule=sc.lr_schedule,

@@ -55,7 +55,10 @@ class EMA(AveragedModel):
     def averaged(self, model: nn.Module) -> nn.Module:
         """The averaged network (eval mode) with ``model``'s current buffers (e.g. noise schedules)."""
         for mine, theirs in zip(self.module.buffers(), _unwrap(model).buffers(), strict=True):
-            mine.copy_(theirs)
+            if mine.shape == theirs.shape:
+                mine.copy_(theirs)
+            else:  # a buffer sized when a state_dict was loaded (e.g. a score net's data statistics)
+                mine.data = theirs.detach().clone()
         return self.module.eval()
 
     def shadow(self) -> dict[str, Tensor]:

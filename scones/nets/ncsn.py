@@ -307,9 +307,38 @@ class ScoreNetwork(nn.Module):
     sigmas: Tensor
     level_conditional: bool = False
 
-    def __init__(self, sigmas: Tensor | Sequence[float]) -> None:
+    def __init__(self, sigmas: Tensor | Sequence[float], gaussian_baseline: bool = False) -> None:
         super().__init__()
         self.register_buffer("sigmas", self._check(sigmas))
+        # per-pixel mean / variance of the data (fit_baseline); empty until fitted, any image shape when loaded
+        self.gaussian_baseline = bool(gaussian_baseline)
+        self.register_buffer("data_mean", torch.zeros(0))
+        self.register_buffer("data_var", torch.zeros(0))
+
+    @torch.no_grad()
+    def fit_baseline(self, images: Tensor) -> None:
+        """Per-pixel mean m and variance v of data ``images (n, C, H, W)`` for the Gaussian baseline."""
+        images = images.float()
+        self.data_mean = images.mean(0).to(self.sigmas.device)
+        self.data_var = images.var(0, correction=0).to(self.sigmas.device)
+
+    def baseline_score(self, y: Tensor, sigma: Tensor) -> Tensor:
+        """−(y − m)/(v + σ²): the exact score of the data's diagonal Gaussian fit N(m, diag v) convolved with
+        N(0, σ²I), per sample σ ``(n,)``. Exact on pixels the data never changes (v = 0), e.g. a black border."""
+        if self.data_mean.numel() == 0:
+            raise RuntimeError(
+                f"{type(self).__name__}(gaussian_baseline=True) needs the data's per-pixel statistics: call "
+                "fit_baseline(images) before training (the score stage does) or load a trained state_dict"
+            )
+        var = self.data_var.to(y.dtype) + sigma.view(-1, *([1] * (y.ndim - 1))).pow(2)
+        return -(y - self.data_mean.to(y.dtype)) / var
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in ("data_mean", "data_var"):  # stored statistics of any image shape replace the empty buffers
+            stored = state_dict.get(prefix + name)
+            if stored is not None and stored.shape != getattr(self, name).shape:
+                setattr(self, name, torch.empty_like(stored, device=self.sigmas.device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @staticmethod
     def _check(sigmas: Tensor | Sequence[float]) -> Tensor:
@@ -379,6 +408,12 @@ class NCSN(ScoreNetwork):
     2020, technique 3, on top of the level conditioning): the network then predicts −z, of unit scale at every
     level, instead of z/σ (×100 at σ = 0.01), which a small net trained briefly does not reach at the small
     levels (the speckle of the CPU digit samples; docs/images.md).
+
+    ``gaussian_baseline=True`` adds the exact score of the data's per-pixel Gaussian fit,
+    −(y − m)/(v + σ²) (:meth:`ScoreNetwork.baseline_score`; m, v from :meth:`ScoreNetwork.fit_baseline`), so the
+    network learns the residual. Pixels the data never changes (v ≈ 0, the black border of digits) are then held
+    at m with the full restoring force 1/σ² at every level, which a short-trained net does not reach at the
+    small levels (it would need a gain ∝ 1/σ there; docs/images.md point 6).
     """
 
     level_conditional = True
@@ -390,9 +425,10 @@ class NCSN(ScoreNetwork):
         sigmas: Tensor | Sequence[float] | None = None,
         dim: int | None = None,
         scale_by_sigma: bool = False,
+        gaussian_baseline: bool = False,
     ) -> None:
         check_flat_dim(type(self).__name__, dim, channels)
-        super().__init__(geometric_sigmas(1.0, 0.01, 10) if sigmas is None else sigmas)
+        super().__init__(geometric_sigmas(1.0, 0.01, 10) if sigmas is None else sigmas, gaussian_baseline)
         self.channels, self.ngf, self.scale_by_sigma = channels, ngf, bool(scale_by_sigma)
         self.body = RefineNet(channels, ngf, num_classes=self.num_levels)
 
@@ -401,6 +437,8 @@ class NCSN(ScoreNetwork):
         out = self.body(2.0 * y - 1.0, labels)
         if self.scale_by_sigma:
             out = out / self.sigmas[labels].to(out.dtype).view(-1, *([1] * (y.ndim - 1)))
+        if self.gaussian_baseline:
+            out = out + self.baseline_score(y, self.sigmas[labels])
         return out
 
     def set_sigmas(self, sigmas: Tensor | Sequence[float]) -> None:

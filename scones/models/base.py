@@ -79,15 +79,25 @@ def adam(module: pl.LightningModule, params, lr: float, **kwargs) -> torch.optim
     return torch.optim.Adam(params, lr=lr, fused=True if fused else None, **kwargs)
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
 class StageModule(pl.LightningModule):
     """A training stage: Adam (lr ``lr``, extra ``adam`` options) on :meth:`trained_parameters`, minimising
-    :meth:`loss`. ``stage`` names the stage in errors and in the ``<stage>.skip_nonfinite`` hint."""
+    :meth:`loss`. ``stage`` names the stage in errors and in the ``<stage>.skip_nonfinite`` hint.
+    ``lr_schedule="cosine"`` decays the learning rate to 0 over the trainer's ``max_steps`` (per step)."""
 
     stage = "train"
 
-    def __init__(self, lr: float, skip_nonfinite: bool = False, **adam: float | tuple[float, float]) -> None:
+    def __init__(
+        self, lr: float, skip_nonfinite: bool = False, lr_schedule: str = "constant",
+        **adam: float | tuple[float, float],
+    ) -> None:  # fmt: skip
         super().__init__()
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"{self.stage}.lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
         self.lr, self.skip_nonfinite, self.adam_options = lr, skip_nonfinite, adam
+        self.lr_schedule = lr_schedule
 
     def loss(self, batch) -> tuple[Tensor, dict[str, Tensor]]:
         """The stage's loss on one batch and any further values to log (``{"train/<name>": value}``)."""
@@ -106,4 +116,8 @@ class StageModule(pl.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        return adam(self, self.trained_parameters(), lr=self.lr, **self.adam_options)
+        opt = adam(self, self.trained_parameters(), lr=self.lr, **self.adam_options)
+        if self.lr_schedule == "constant":
+            return opt
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, int(self.trainer.max_steps)))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

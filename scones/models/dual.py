@@ -47,13 +47,11 @@ class DualModule(StageModule):
         prior_score=None,
         chains: ConditionalChains | None = None,
     ) -> None:
-        super().__init__(lr, skip_nonfinite, betas=tuple(betas), weight_decay=weight_decay)
+        super().__init__(lr, skip_nonfinite, lr_schedule, betas=tuple(betas), weight_decay=weight_decay)
         if objective not in OBJECTIVES:
             raise ValueError(f"dual.objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
         if objective == "logmeanexp":
             _kl_lam(potentials, "dual.objective=logmeanexp")
-        if lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"dual.lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
         if estimator not in ESTIMATORS:
             raise ValueError(f"dual.estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}")
         if estimator == "langevin":
@@ -62,7 +60,7 @@ class DualModule(StageModule):
                 raise ValueError("dual.estimator=langevin needs the target's score (prior_score) and the chains")
         self.potentials, self.pairs, self.objective = potentials, pairs, objective
         self.estimator, self.prior_score, self.chains = estimator, prior_score, chains
-        self.health_data, self.health_every, self.lr_schedule = health_data, int(health_every), lr_schedule
+        self.health_data, self.health_every = health_data, int(health_every)
 
     def loss(self, batch):
         x, y = batch
@@ -108,10 +106,3 @@ class DualModule(StageModule):
             self.health_data = self.health_data()
         x, y = (t.to(self.device) for t in self.health_data)
         return marginal_violation(self.potentials, x, y)
-
-    def configure_optimizers(self):
-        opt = super().configure_optimizers()
-        if self.lr_schedule == "constant":
-            return opt
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, int(self.trainer.max_steps)))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -83,10 +83,8 @@ class ScoreModule(StageModule):
         lr_schedule: str = "constant",
         callbacks: list | None = None,
     ) -> None:
-        super().__init__(lr, skip_nonfinite)
-        if lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"score.lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
-        self.net, self.anneal_power, self.lr_schedule = net, float(anneal_power), lr_schedule
+        super().__init__(lr, skip_nonfinite, lr_schedule)
+        self.net, self.anneal_power = net, float(anneal_power)
         self.register_buffer("sigmas", torch.as_tensor(sigmas, dtype=torch.float32))
         # in a list, not a registered submodule: the optimiser never sees it and the state_dict keeps the plain
         # ``_extra_state["ema"] = {decay, shadow}`` format (older final.pt files load); starts on the first step
@@ -104,13 +102,6 @@ class ScoreModule(StageModule):
 
     def configure_callbacks(self):
         return self._extra_callbacks
-
-    def configure_optimizers(self):
-        opt = super().configure_optimizers()
-        if self.lr_schedule == "constant":
-            return opt
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, int(self.trainer.max_steps)))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)

@@ -34,6 +34,17 @@ def register_resolvers() -> None:
 register_resolvers()
 
 
+def compose_config(overrides=(), config_dir: Path | None = None) -> DictConfig:
+    """The job config composed from ``configs/`` (or ``config_dir``) with Hydra ``overrides``, as a run would get
+    it before start-up (scripts, benchmarks and tests build their configs with this one function)."""
+    from hydra import compose, initialize_config_dir
+
+    from experiments.validation import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=str(config_dir or CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
 def fail(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)

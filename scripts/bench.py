@@ -220,16 +220,12 @@ def maybe_compile(fn: Callable, enabled: bool) -> Callable | None:
 
 def default_configs() -> dict:
     """The shipped defaults: Swiss roll (learned score) and the Gaussian d=16 preset."""
-    from hydra import compose, initialize_config_dir
+    from experiments.run import compose_config
 
-    from experiments.run import register_resolvers
-
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        return {
-            "swiss_roll": compose(config_name="config"),
-            "gaussian_d16": compose(config_name="config", overrides=["+experiment=gaussian", "data.dim=16"]),
-        }
+    return {
+        "swiss_roll": compose_config([], ROOT / "configs"),
+        "gaussian_d16": compose_config(["+experiment=gaussian", "data.dim=16"], ROOT / "configs"),
+    }
 
 
 # --------------------------------------------------------------------------------------------- benchmarks

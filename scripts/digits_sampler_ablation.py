@@ -87,14 +87,9 @@ RESAMPLE_POOL: dict = {}  # the target samples init=resample reweights (set in m
 
 
 def compose(overrides: list[str]):
-    from hydra import compose as hcompose
-    from hydra import initialize_config_dir
+    from experiments.run import compose_config
 
-    from experiments.run import register_resolvers
-
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        return hcompose("config", overrides=["+experiment=digits", "num_threads=1", *overrides])
+    return compose_config(["+experiment=digits", "num_threads=1", *overrides], ROOT / "configs")
 
 
 @torch.no_grad()

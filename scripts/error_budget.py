@@ -33,7 +33,6 @@ import argparse
 import json
 import logging
 import math
-import resource
 import sys
 import time
 from pathlib import Path
@@ -48,20 +47,10 @@ import torch  # noqa: E402
 log = logging.getLogger("error_budget")
 
 
-def cpu_seconds() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
 def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from experiments.run import compose_config
 
-    from experiments.run import register_resolvers
-
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides)
+    return compose_config(overrides, ROOT / "configs")
 
 
 def ula_samples(pot, prior_score, x, y0, sampler: dict, batch_size: int, seed: int) -> torch.Tensor:
@@ -86,17 +75,17 @@ def budget_cell(dim: int, lam: float, overrides: list[str], out_dir: Path) -> di
     cfg = compose(["+experiment=gaussian", f"data.dim={dim}", f"regularizer.lam={lam:g}", *overrides])
     run_dir = ROOT / "outputs" / "error_budget" / tag
     cpu = {}
-    t0 = cpu_seconds()
+    t0 = time.process_time()
     stage_cpu = {}
     orig = {name: getattr(pipeline, name) for name in ("dual_stage", "bp_stage", "evaluate")}
 
     def timed(name):
         def wrapper(*a, **k):
-            s = cpu_seconds()
+            s = time.process_time()
             try:
                 return orig[name](*a, **k)
             finally:
-                stage_cpu[name] = round(cpu_seconds() - s, 1)
+                stage_cpu[name] = round(time.process_time() - s, 1)
 
         return wrapper
 
@@ -107,7 +96,7 @@ def budget_cell(dim: int, lam: float, overrides: list[str], out_dir: Path) -> di
     finally:
         for name, fn in orig.items():
             setattr(pipeline, name, fn)
-    cpu["pipeline"] = round(cpu_seconds() - t0, 1)
+    cpu["pipeline"] = round(time.process_time() - t0, 1)
     cpu.update({k.replace("_stage", ""): v for k, v in stage_cpu.items()})
 
     # rebuild what the run used (all stages are cached now)
@@ -135,9 +124,9 @@ def budget_cell(dim: int, lam: float, overrides: list[str], out_dir: Path) -> di
     ys, sample_cpu = {}, {}
 
     def timed_sample(name, fn):
-        s = cpu_seconds()
+        s = time.process_time()
         ys[name] = fn()
-        sample_cpu[name] = round(cpu_seconds() - s, 1)
+        sample_cpu[name] = round(time.process_time() - s, 1)
 
     seed = int(cfg.seed) + 2000
     timed_sample("scones", lambda: ula_samples(learned, prior, x, y_bp, sampler, bs, seed))
@@ -327,21 +316,17 @@ def mixture_main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
 
-    from hydra import compose, initialize_config_dir
-
     from experiments import pipeline
     from experiments.evaluation import conditional_protocol
-    from experiments.run import register_resolvers
+    from experiments.run import compose_config
     from experiments.startup import read_run
     from scones.metrics.cbw_uvp import cbw_uvp
     from scones.ot.dual import grad_log_compatibility
     from scones.sampling.conditional import sample_conditional
 
-    register_resolvers()
     overrides = ["+experiment=eot_benchmark", f"data.dim={a.dim}", f"data.eps={a.eps:g}", "num_threads=1",
                  f"paths.output_root={ROOT / 'outputs'}", *a.overrides]
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
+    cfg = compose_config(overrides, ROOT / "configs")
     from scones.coupling import Coupling
     from scones.sampling.conditional import initial_chains
 

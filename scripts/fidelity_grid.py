@@ -162,14 +162,9 @@ def cpu_timers(store: dict):
 
 
 def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from experiments.run import compose_config
 
-    from experiments.run import register_resolvers
-
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides)
+    return compose_config(overrides, ROOT / "configs")
 
 
 def git_commit() -> str | None:

@@ -26,11 +26,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 def make_cfg(tmp_path, overrides, confine: bool = False):
     """The job config composed from ``configs/`` with ``overrides`` and outputs under ``tmp_path``; with ``confine``
     also ``paths.allowed_roots=[tmp_path]`` (the tmp dir as the only extra allowed root)."""
-    from hydra import compose, initialize_config_dir
+    from experiments.run import compose_config
 
-    from experiments.run import register_resolvers
-
-    register_resolvers()
     extra = [f"paths.output_root={tmp_path}"] + ([f"paths.allowed_roots=[{tmp_path}]"] if confine else [])
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=[*overrides, *extra])
+    return compose_config([*overrides, *extra], CONFIG_DIR)

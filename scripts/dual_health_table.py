@@ -217,7 +217,8 @@ def main(argv=None) -> int:
         path.write_text(json.dumps(r, indent=1, default=float) + "\n")
         rows.append(r)
         h = r["learned"]
-        print(f"{name}: V={h['health']:.4g} noise={h['noise']:.4g} ess={h['ess']:.3g} converged={h['converged']} "
+        mg = h["marginal"]
+        print(f"{name}: V={mg['violation']:.4g} noise={mg['noise']:.4g} ess={h['ess']:.3g} converged={h['converged']} "
               f"({h['method']}) cpu={r['cpu_s']} s", file=sys.stderr, flush=True)
     print(table(rows))
     return 0

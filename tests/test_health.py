@@ -54,6 +54,8 @@ def test_a_plan_too_sharp_for_the_samples_cannot_be_judged_and_the_moments_decid
     assert zero["passes"] is None  # no power: the untrained ψ is not flagged either
     h = dual_health(exact, x, y)
     assert h["method"] == "moments" and h["converged"] is True and h["marginal"]["passes"] is None
+    # the top-level numbers are the deciding check's (metrics.json dual.health, the grid's health column)
+    assert (h["health"], h["threshold"]) == (h["moments"]["violation"], h["moments"]["threshold"])
 
 
 def test_chi2_weights_normalise_the_plan_per_source():

@@ -273,8 +273,9 @@ def dual_health(pot, x: Tensor, y: Tensor, factor: float = HEALTH_FACTOR, moment
     verdict; where it cannot judge (a plan too sharp for n, m fresh samples) the moment check
     (:func:`moment_marginal_violation`, KL with a squared cost) decides: converged = its violation ≤ ``factor``
     × its noise; with neither, ``converged`` is ``None``. ``method`` names the deciding check (``marginal``,
-    ``moments`` or ``none``); ``noise``/``threshold`` are the marginal check's, ``ess`` the median ESS of its rows;
-    ``marginal`` and ``moments`` hold both checks' full results. ``moments=None`` computes the moment check
+    ``moments`` or ``none``); ``health``/``noise``/``threshold`` are the deciding check's (the marginal check's
+    when none decides), ``ess`` the median ESS of the marginal check's rows; ``marginal`` and ``moments`` hold both
+    checks' full results. ``moments=None`` computes the moment check
     whenever it applies (KL, squared cost), ``False`` only when the marginal check cannot judge.
     """
     mg = marginal_violation(pot, x, y)
@@ -296,6 +297,7 @@ def dual_health(pot, x: Tensor, y: Tensor, factor: float = HEALTH_FACTOR, moment
         out["moments"] = mo
         if mg["passes"] is None:
             out["method"], out["converged"] = "moments", mo["passes"]
+            out["health"], out["noise"], out["threshold"] = mo["violation"], mo["noise"], mo["threshold"]
     elif mg["passes"] is None:
         out["method"] = "none"
     return out

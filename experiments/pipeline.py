@@ -28,8 +28,8 @@ from experiments.atomic import atomic_torch_save, atomic_write_bytes, atomic_wri
 from experiments.distributed import gather_to_rank_zero, global_rank, is_distributed, is_rank_zero, world_size
 from experiments.logging_utils import SamplingProgress, Tracker
 from experiments.stages import Stage, make_stage, run_training_stage
-from experiments.startup import Problem, RunSpec, build_problem, read_run, resolve_auto_settings
-from experiments.validation import ConfigError, validate_config
+from experiments.startup import Problem, RunSpec, build_problem, start_job  # noqa: F401 - build_problem re-exported
+from experiments.validation import ConfigError
 from scones.coupling import Coupling, chunk_seed
 from scones.data.streams import stream_loader
 from scones.models.barycentric import BarycentricModule
@@ -398,15 +398,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
     With ``logger.wandb`` set, one W&B run (rank 0) receives the stage losses, the metrics, the plots and the
     artifacts (:class:`experiments.logging_utils.Tracker`); it is finished even when a stage fails.
     """
-    settings = validate_config(cfg, run_dir)  # one-line ConfigError before any data, device or directory is touched
+    problem, spec, resolved = start_job(cfg, run_dir)  # validated first: one-line ConfigError
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(int(settings.num_threads or torch.get_num_threads()))
-    problem = build_problem(cfg)
-    resolved = resolve_auto_settings(cfg, problem)
-    if resolved:  # the typed settings with the resolved values (the stages read them)
-        settings = validate_config(cfg, run_dir)
-    spec = read_run(cfg, settings)  # the config is read here, once: below, only typed settings travel
     if is_rank_zero():
         atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
 

@@ -28,7 +28,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from experiments.validation import ConfigError, read_settings
+from experiments.validation import ConfigError, read_settings, validate_config
 
 if TYPE_CHECKING:
     from experiments.schema import RunConfig
@@ -235,3 +235,18 @@ __all__ = [
     "EvalSpec", "Node", "Problem", "RunSpec", "StageSpec", "TrainingSpec", "build_problem", "node", "read_run",
     "resolve_auto_settings", "sampler_settings",
 ]
+
+
+def start_job(cfg: DictConfig, run_dir=None) -> tuple[Problem, RunSpec, dict]:
+    """The start of every job (``experiments.run`` and the scripts): validate ``cfg`` (one-line ConfigError),
+    set ``num_threads`` when given, build the :class:`Problem`, resolve the ``auto`` values from it (then the typed
+    settings are read again with them) and read the :class:`RunSpec`, so stage keys match the run's.
+    Returns (problem, spec, the resolved ``auto`` values)."""
+    settings = validate_config(cfg, run_dir)  # before any data, device or directory is touched
+    if settings.num_threads:
+        torch.set_num_threads(int(settings.num_threads))
+    problem = build_problem(cfg)
+    resolved = resolve_auto_settings(cfg, problem)
+    if resolved:  # the typed settings with the resolved values (the stages read them)
+        settings = validate_config(cfg, run_dir)
+    return problem, read_run(cfg, settings), resolved  # the config is read here, once

@@ -94,11 +94,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     cfg = compose(args.overrides)
-    from experiments.startup import read_run, resolve_auto_settings
+    from experiments.startup import start_job
 
-    problem = P.build_problem(cfg)
-    resolve_auto_settings(cfg, problem)  # as experiments.run does, so the stage keys are the run's (cache reuse)
-    spec = read_run(cfg)
+    problem, spec, _ = start_job(cfg)  # as experiments.run does, so the stage keys are the run's (cache reuse)
     target = problem.target
     cpu: dict[str, float] = {}
     t0 = time.process_time()

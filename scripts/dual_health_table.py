@@ -59,16 +59,10 @@ def load_dual(overrides: list[str], train: bool):
     """(spec, problem, potentials, stage) of the cell's dual stage, from the cache (trained only if ``train``)."""
     from experiments import pipeline
     from experiments.stages import make_stage
-    from experiments.startup import build_problem, read_run, resolve_auto_settings
-    from experiments.validation import validate_config
+    from experiments.startup import start_job
 
     cfg = compose(overrides)
-    run_dir = ROOT / "outputs" / "dual_health_table"
-    settings = validate_config(cfg, run_dir)
-    problem = build_problem(cfg)
-    if resolve_auto_settings(cfg, problem):
-        settings = validate_config(cfg, run_dir)
-    spec = read_run(cfg, settings)
+    problem, spec, _ = start_job(cfg, ROOT / "outputs" / "dual_health_table")
     torch_threads(spec)
     stage = make_stage(spec.training, spec.dual)
     if not stage.is_done() and not train:

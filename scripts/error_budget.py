@@ -319,7 +319,6 @@ def mixture_main(argv: list[str] | None = None) -> None:
     from experiments import pipeline
     from experiments.evaluation import conditional_protocol
     from experiments.run import compose_config
-    from experiments.startup import read_run
     from scones.metrics.cbw_uvp import cbw_uvp
     from scones.ot.dual import grad_log_compatibility
     from scones.sampling.conditional import sample_conditional
@@ -327,15 +326,12 @@ def mixture_main(argv: list[str] | None = None) -> None:
     overrides = ["+experiment=eot_benchmark", f"data.dim={a.dim}", f"data.eps={a.eps:g}", "num_threads=1",
                  f"paths.output_root={ROOT / 'outputs'}", *a.overrides]
     cfg = compose_config(overrides, ROOT / "configs")
+    from experiments.startup import start_job
     from scones.coupling import Coupling
     from scones.sampling.conditional import initial_chains
 
-    problem = pipeline.build_problem(cfg)
+    problem, spec, _ = start_job(cfg)  # config values `auto`, as experiments.run does
     source, target, cost, regularizer = problem
-    from experiments.startup import resolve_auto_settings
-
-    resolve_auto_settings(cfg, problem)  # config values `auto`, as experiments.run does
-    spec = read_run(cfg)
     bench = target.benchmark
     learned = {v for v in a.variants if v in ("scones", "exact_score", "exact_dual", "init_learned",
                                                   "exact_cond")}

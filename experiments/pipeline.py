@@ -8,6 +8,7 @@ potentials / score / BP (cached stages) â†’ :class:`~scones.coupling.Coupling` â
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import math
@@ -139,12 +140,14 @@ def health_logging(run: RunSpec, source, target) -> dict:
         log_every = max(1, int(run.training.trainer.log_every_n_steps))
         steps = int(run.dual.settings.steps)
         every = log_every * max(math.ceil(100 / log_every), math.ceil(steps / (10 * log_every)))
+    # drawn at the first health step (seeded): a run shorter than `every` steps draws nothing; a partial of a
+    # module-level function, since ddp_spawn pickles the module with it
+    return {"health_data": functools.partial(_draw_health_data, source, target, n, run.seed + 3), "health_every": every}
 
-    def draw():  # at the first health step (seeded): a run shorter than `every` steps draws nothing
-        g = torch.Generator().manual_seed(run.seed + 3)
-        return source.sample(n, generator=g), target.sample(n, generator=g)
 
-    return {"health_data": draw, "health_every": every}
+def _draw_health_data(source, target, n: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return source.sample(n, generator=g), target.sample(n, generator=g)
 
 
 def assess_dual(run: RunSpec, potentials, source, target) -> dict:

@@ -186,8 +186,14 @@ def build_trainer(
     extra_loggers: list | None = None,
     runtime: StageRuntime | None = None,
     resume_step: int | None = None,
+    unused_parameters: bool = False,
 ) -> pl.Trainer:
+    """The stage's Lightning trainer. ``unused_parameters``: the module's loss leaves some parameters out of the
+    graph (e.g. φ's output bias under ``dual.estimator=langevin``), so DDP must look for them."""
     t = training.trainer
+    strategy = t.strategy
+    if unused_parameters and strategy in ("ddp", "ddp_spawn"):
+        strategy = f"{strategy}_find_unused_parameters_true"
     ckpt_every = int(training.checkpoint_every or max(1, max_steps // 5))
     callbacks = [
         ModelCheckpoint(
@@ -207,7 +213,7 @@ def build_trainer(
     return pl.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
-        strategy=t.strategy,
+        strategy=strategy,
         precision=t.precision,
         num_nodes=t.num_nodes,
         max_steps=max_steps,
@@ -296,7 +302,8 @@ def run_training_stage(
             stage, submodule_path(module, save_module), max_steps, stream, start_step, training.num_threads
         )
         loggers = tracker.stage_loggers(stage.name) if tracker is not None else []  # + the CSV logger
-        trainer = build_trainer(training, stage, max_steps, loggers, runtime, resume_step=start_step if ckpt else None)
+        trainer = build_trainer(training, stage, max_steps, loggers, runtime, resume_step=start_step if ckpt else None,
+                                unused_parameters=bool(getattr(module, "unused_parameters", False)))
         if stream is not None and stream.batch_size % max(1, trainer.world_size):
             raise StageError(
                 f"{stream.name}={stream.batch_size} is the GLOBAL batch size and must be divisible by the "

@@ -60,6 +60,7 @@ class DualModule(StageModule):
                 raise ValueError("dual.estimator=langevin needs the target's score (prior_score) and the chains")
         self.potentials, self.pairs, self.objective = potentials, pairs, objective
         self.estimator, self.prior_score, self.chains = estimator, prior_score, chains
+        self.unused_parameters = estimator == "langevin"  # φ's output bias is not in its losses (DDP must know)
         self.health_data, self.health_every = health_data, int(health_every)
 
     def loss(self, batch):
@@ -78,19 +79,41 @@ class DualModule(StageModule):
         return (x - g / (2.0 * s)).detach()
 
     def _langevin_loss(self, x, y):
+        self.chains.reseed(self.global_rank, self.global_step)  # resumable; different noise on every process
         usable = self.chains.update(self.potentials, self.prior_score, x, self._chain_start)
         loss_psi, loss_phi, gap = semidual_langevin_losses(
             self.potentials, self.chains.x[usable], self.chains.y[usable], y
         )
         return loss_psi + loss_phi, {"train/gap": gap, "train/phi_fit": loss_phi.detach()}
 
+    def setup(self, stage: str) -> None:
+        """Under DDP each process owns ``dual.batch_size / world`` chains (its share of the global batch)."""
+        world = int(getattr(self.trainer, "world_size", 1) or 1) if self._trainer is not None else 1
+        if self.chains is not None and world > 1 and int(self.chains.age.max()) < 0:
+            if self.chains.n % world:
+                raise ValueError(f"dual.batch_size={self.chains.n} must be divisible by the {world} processes "
+                                 f"(the chain pool of dual.estimator=langevin is split between them)")
+            self.chains.resize(self.chains.n // world)
+
     def on_save_checkpoint(self, checkpoint) -> None:
-        if self.chains is not None:
-            checkpoint["chains_rng"] = self.chains.generator.get_state()
+        """Under DDP the checkpoint (written by rank 0) holds every process's chains, gathered here (all ranks
+        dump a checkpoint, so the gather is collective)."""
+        if self.chains is not None and self.trainer.world_size > 1:
+            checkpoint["chains_per_rank"] = {k: self.all_gather(getattr(self.chains, k)).cpu() for k in ("x", "y")}
 
     def on_load_checkpoint(self, checkpoint) -> None:
-        if self.chains is not None and "chains_rng" in checkpoint:
-            self.chains.generator.set_state(checkpoint["chains_rng"])
+        if self.chains is None:
+            return
+        world = self.trainer.world_size if self._trainer is not None else 1
+        per_rank = checkpoint.get("chains_per_rank")
+        saved = 1 if per_rank is None else per_rank["x"].shape[0]
+        if saved != world:
+            raise ValueError(f"this dual stage was checkpointed by {saved} process(es) and is resumed by {world}: its "
+                             f"Langevin chains are per process; resume with the same trainer.devices x num_nodes")
+        if per_rank is not None:
+            prefix = next(n for n, m in self.named_modules() if m is self.chains)
+            for k, t in per_rank.items():
+                checkpoint["state_dict"][f"{prefix}.{k}"] = t[self.global_rank]
 
     def training_step(self, batch, batch_idx):
         loss = super().training_step(batch, batch_idx)

@@ -7,7 +7,10 @@ advanced ``steps_per_update`` steps per training step. Round robin, the oldest c
 at ``init(x)`` (called with autograd on; e.g. the conditional mean x − ∇φ(x)/2s implied by φ), so that over the
 stage the pool sees a stream of fresh sources; a chain counts (``usable``) once it has run ``burn_in`` steps, and
 each lives ``lifetime = 3·burn_in`` steps. The first update fills the pool and runs ``burn_in`` steps on all of it.
-Deterministic given the seed (own generator; its state travels in Lightning checkpoints through the owner module).
+Deterministic given the seed: the chains draw their noise from their own generator, which an owner reseeds per
+training step (:meth:`ConditionalChains.reseed`, e.g. with (rank, step)) so that a resumed run draws the same noise
+as an uninterrupted one and the processes of a DDP run draw different noise; the pool lives in buffers (checkpointed
+with the owner). Under DDP each process owns its own pool of ``n / world`` chains (:meth:`ConditionalChains.resize`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from scones.data.streams import mix_seed
 from scones.sampling.conditional import ConditionalScore
 
 
@@ -33,13 +37,48 @@ class ConditionalChains(nn.Module):
         if n < 1 or steps_per_update < 1 or burn_in < 1 or not step_size > 0:
             raise ValueError(f"chains need n, steps_per_update, burn_in >= 1 and step_size > 0; got {n}, "
                              f"{steps_per_update}, {burn_in}, {step_size}")
-        self.n, self.step_size, self.k, self.burn_in = int(n), float(step_size), int(steps_per_update), int(burn_in)
+        self.step_size, self.k, self.burn_in = float(step_size), int(steps_per_update), int(burn_in)
         self.lifetime = self.LIFETIME_FACTOR * self.burn_in
-        self.register_buffer("x", torch.zeros(self.n, *shape))
-        self.register_buffer("y", torch.zeros(self.n, *shape))
-        self.register_buffer("age", torch.full((self.n,), -1, dtype=torch.long))
+        self.shape, self.seed = tuple(shape), int(seed)
         self.register_buffer("cursor", torch.zeros((), dtype=torch.long))
-        self.generator = torch.Generator().manual_seed(int(seed))
+        self.resize(n)
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    def resize(self, n: int) -> None:
+        """Make the (empty) pool ``n`` chains; a DDP process owns ``n_global / world`` of them."""
+        if hasattr(self, "age") and int(self.age.max()) >= 0:
+            raise RuntimeError("the chain pool can only be resized before its first update")
+        self._allocate(n)
+
+    def _allocate(self, n: int) -> None:
+        if int(n) < 1:
+            raise ValueError(f"chains need n >= 1, got {n}")
+        self.n = int(n)
+        device = self.cursor.device
+        self.register_buffer("x", torch.zeros(self.n, *self.shape, device=device))
+        self.register_buffer("y", torch.zeros(self.n, *self.shape, device=device))
+        self.register_buffer("age", torch.full((self.n,), -1, dtype=torch.long, device=device))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # a loaded pool replaces this one whatever its size (e.g. a DDP worker's n / world chains)
+        saved = state_dict.get(prefix + "x")
+        if saved is not None and saved.shape[0] != self.n:
+            self._allocate(saved.shape[0])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def __getstate__(self):
+        # a torch.Generator does not survive torch.multiprocessing's pickler (ddp_spawn): rebuilt from the seed
+        state = super().__getstate__().copy()
+        state.pop("generator", None)
+        return state
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    def reseed(self, *parts: int) -> None:
+        """Reseed the chains' noise from ``(seed, *parts)`` (e.g. the process rank and the training step)."""
+        self.generator.manual_seed(mix_seed(self.seed, *parts))
 
     @property
     def refresh_per_update(self) -> int:

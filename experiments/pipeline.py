@@ -197,10 +197,11 @@ def dual_objective_name(objective: str, regularizer) -> str:
 
 
 def calibrate_dual(run: RunSpec, pot, source, target) -> None:
-    """``dual.objective=logmeanexp``: fix the constant J' cannot see, so that E_{p⊗q}[H] = 1 on
-    ``dual.calibration_samples`` fresh samples per side (seeded: a cached stage gets the same shift)."""
+    """``dual.objective=logmeanexp``, ``dual.estimator=langevin`` or ``dual.pairs=rows``: fix the constant these
+    cannot see, so that E_{p⊗q}[H] = 1 on ``dual.calibration_samples`` fresh samples per side (seeded: a cached stage
+    gets the same shift)."""
     if dual_objective_name(run.dual.settings.objective, pot.regularizer) != "logmeanexp" and not (
-        uses_langevin_estimator(run)
+        uses_langevin_estimator(run) or getattr(run.dual.settings, "pairs", None) == "rows"
     ):
         return
     from scones.ot.dual import calibrate_mass_

@@ -20,7 +20,7 @@ from pydantic_core import PydanticCustomError
 
 from scones.ot.barycentric import Estimator
 from scones.ot.costs import Reduction
-from scones.ot.dual import DualEstimator, Objective, Pairs
+from scones.ot.dual import DualEstimator, DualPairs, Objective, Pairs
 from scones.sampling.settings import Sampler
 from scones.settings import Auto, Count, NonNegativeFloat, NonNegativeInt, PositiveFloat, Settings, by_kind, order_error
 
@@ -76,7 +76,7 @@ class LangevinEstimator(Settings):
 class NeuralDual(NetTraining):
     kind: Literal["neural"]
     net: Target
-    pairs: Pairs
+    pairs: DualPairs | Auto  # auto: scones.autoconfig (rows: the batch semi-dual, KL)
     objective: DualObjective = "dual"
     calibration_samples: Count = 2000
     steps: Count | Auto  # auto: scones.autoconfig rules, resolved before the stages

@@ -153,6 +153,10 @@ def _regularizer(run: RunConfig) -> list[Problem]:
         out.append(Problem("dual.objective", f"dual.objective=logmeanexp is the KL dual's shift-invariant form; "
                                              f"regularizer._target_={reg.target!r} needs dual.objective=dual or auto "
                                              "(or use regularizer=kl)", has_value=False))  # fmt: skip
+    if getattr(run.dual, "pairs", None) == "rows" and getattr(locate(reg.target), "name", None) != "kl":
+        out.append(Problem("dual.pairs", f"dual.pairs=rows is the KL dual's batch semi-dual; regularizer._target_="
+                                         f"{reg.target!r} needs dual.pairs=all, diagonal or auto (or use "
+                                         "regularizer=kl)", has_value=False))  # fmt: skip
     if getattr(run.dual, "estimator", None) == "langevin" and getattr(locate(reg.target), "name", None) != "kl":
         out.append(Problem("dual.estimator", f"dual.estimator=langevin samples the KL plan; regularizer."
                                              f"_target_={reg.target!r} needs dual.estimator=pairs or auto (or use "

@@ -5,8 +5,9 @@ For each cell (a config, given by overrides) the script loads the finished dual 
 draws (``eval.dual_health_samples`` per side, seed ``seed + 4``) and evaluates both checks: the marginal check
 (V, its noise N = N_x + N_y, threshold 2N, the smallest detectable violation, the rows' ESS, verdict) and the
 moment check (violation, threshold, verdict), plus, for Gaussian pairs, the same checks on the closed-form
-potentials. The SCONES accuracy of the cell is read from ``docs/results/fidelity/cells/<cell>.json`` when that
-exists, or from ``--metrics NAME=path/to/metrics.json``.
+potentials, and for the mixture benchmark the marginal check of its exact ψ* on the same draw (the null). The
+SCONES accuracy of the cell is read from ``docs/results/fidelity/cells/<cell>.json`` when that exists, or from
+``--metrics NAME=path/to/metrics.json``.
 
     python scripts/dual_health_table.py                                  # every known cell whose dual is cached
     python scripts/dual_health_table.py --cells gaussian_d16_lam1 swiss_roll
@@ -64,10 +65,17 @@ def load_dual(overrides: list[str], train: bool):
     cfg = compose(overrides)
     problem, spec, _ = start_job(cfg, ROOT / "outputs" / "dual_health_table")
     torch_threads(spec)
-    stage = make_stage(spec.training, spec.dual)
+    upstream, kwargs = [], {}
+    if pipeline.uses_langevin_estimator(spec):  # the dual trains on chains of the score stage: its key is upstream
+        score = make_stage(spec.training, spec.score)
+        if not score.is_done() and not train:
+            raise FileNotFoundError(f"score stage not cached: {score.dir} (run the cell first, or pass --train)")
+        kwargs["prior_score"], kwargs["score"] = pipeline.score_stage(spec, problem.target)
+        upstream = [kwargs["score"].key] if kwargs["score"] is not None else []
+    stage = make_stage(spec.training, spec.dual, *upstream)
     if not stage.is_done() and not train:
         raise FileNotFoundError(f"dual stage not cached: {stage.dir} (run the cell first, or pass --train)")
-    pot, stage = pipeline.dual_stage(spec, problem)
+    pot, stage = pipeline.dual_stage(spec, problem, **kwargs)
     return spec, problem, pot, stage
 
 
@@ -130,7 +138,37 @@ def evaluate_cell(name: str, overrides: list[str], train: bool, extra: list[str]
 
         exact = ExactGaussianPotentials(problem.source.cov_np, problem.target.cov_np, pot.regularizer.lam)
         out["exact"] = dual_health(exact, x, y, moments=True)
+    elif hasattr(problem.target, "benchmark") and pot.regularizer.name == "kl":
+        from scones.ot.health import marginal_violation
+
+        t2 = time.process_time()
+        exact = MixtureExactPsi(problem.target.benchmark, pot)
+        out["exact"] = {"marginal": marginal_violation(exact, x, y), "n_mc": exact.n_mc,
+                        "cpu_s": round(time.process_time() - t2, 1)}
     return out
+
+
+class MixtureExactPsi:
+    """The mixture benchmark's exact ψ* = λ(log g − log p1) (marginal check only: values, no derivatives), log p1 by
+    the Monte-Carlo integral of ``scripts/error_budget.py`` (``NoisedTargetScore``, exact Gaussian inner integrals,
+    ``n_mc`` draws per component; 256 keeps its own error below the check's noise at D = 64, ε = 1, where 32 does
+    not: docs/results.md, "Dual health")."""
+
+    def __init__(self, bench, pot, n_mc: int = 256, seed: int = 6) -> None:
+        import torch
+
+        from scripts.error_budget import NoisedTargetScore
+
+        self.bench, self.cost, self.regularizer, self.n_mc = bench, pot.cost, pot.regularizer, int(n_mc)
+        self.log_p1 = NoisedTargetScore(bench, self.n_mc, torch.Generator().manual_seed(seed))
+
+    def psi(self, y):
+        import torch
+
+        b = self.bench
+        y64 = y.double()
+        log_g = torch.logsumexp(b.log_q[None] - 0.5 * (b._maha(y64, b.pot_precs) + torch.logdet(b.pot_covs)[None]), 1)
+        return b.lam * (log_g - self.log_p1.log_density(y64, 0.0, block=250))
 
 
 def _f(v, nd=3) -> str:

@@ -189,3 +189,24 @@ def test_mixture_benchmark_refines_by_ess_only_above_d16(tmp_path, dim):
     assert cfg.sampler.refine == "auto" and cfg.sampler.init == "resample"
     p = autoconfig.ProblemScale(dim, 2.0, 1.0, "kl", 0.1, 1.0, 3.0)
     assert autoconfig.rule("sampler.refine", p) == ("ess" if dim > 16 else "all")
+
+
+@pytest.mark.parametrize("dim,eps", [(2, 1.0), (16, 0.1), (16, 10.0), (64, 0.1), (64, 1.0), (64, 10.0)])
+def test_mixture_benchmark_dual_rules(tmp_path, dim, eps):
+    """eot_benchmark's ``dual.estimator/pairs/lr: auto`` on the run's own start-up path: every D ≤ 16 cell resolves
+    to what it was measured with (weighted batch pairs, the dual group's lr); D = 64 gets the batch semi-dual
+    (``rows``, lr 3e-3) where the plan's information is ≤ 28 nats (ε = 1, 10) and plan samples from conditional
+    chains (``langevin``) at ε = 0.1 (≈ 48 nats), where a batch row carries ≈ 1 effective sample (docs/results.md)."""
+    from experiments.startup import build_problem, resolve_auto_settings
+
+    cfg = make_cfg(tmp_path, ["+experiment=eot_benchmark", f"data.dim={dim}", f"data.eps={eps}"])
+    assert (cfg.dual.estimator, cfg.dual.pairs, cfg.dual.lr) == ("auto", "auto", "auto")
+    default_lr = make_cfg(tmp_path, []).dual.lr  # the dual group's default (the D ≤ 16 mixture cells' value)
+    resolve_auto_settings(cfg, build_problem(cfg))
+    got = (cfg.dual.estimator, cfg.dual.pairs, cfg.dual.lr)
+    if dim <= 16:
+        assert got == ("pairs", "all", default_lr)
+    elif eps < 1:
+        assert got == ("langevin", "all", default_lr)
+    else:
+        assert got == ("pairs", "rows", 3e-3)

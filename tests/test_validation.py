@@ -129,6 +129,7 @@ BAD = [
     (["trainer.precision=8"], "trainer.precision=8 is not one of"),
     (["trainer.devices=0"], "trainer.devices=0 must be an integer >= 1"),
     (["regularizer=chi2", "dual.objective=logmeanexp"], "dual.objective=logmeanexp is the KL dual's shift-invariant"),
+    (["regularizer=chi2", "dual.pairs=rows"], "dual.pairs=rows is the KL dual's batch semi-dual"),
     (["dual.objective=lme"], "dual.objective='lme' is not one of dual, logmeanexp, auto"),
     (["eval.device=tpu9"], "eval.device='tpu9' is not a torch device"),
     (["eval.device=mps"], "eval.device='mps' is not supported; use null"),

@@ -6,7 +6,15 @@ from __future__ import annotations
 import torch
 
 from scones.models.base import StageModule
-from scones.ot.dual import ESTIMATORS, OBJECTIVES, DualPotentials, _kl_lam, dual_objective, semidual_langevin_losses
+from scones.ot.dual import (
+    DUAL_PAIRS,
+    ESTIMATORS,
+    OBJECTIVES,
+    DualPotentials,
+    _kl_lam,
+    dual_objective,
+    semidual_langevin_losses,
+)
 from scones.ot.health import marginal_violation
 from scones.sampling.chains import ConditionalChains
 
@@ -21,6 +29,8 @@ class DualModule(StageModule):
     :func:`scones.ot.health.marginal_violation` (the violation → below 2× its noise at convergence; cheap: one
     n × m pass, no derivatives), every ``health_every`` steps. ``lr_schedule="cosine"`` decays the learning rate
     to 0 over the stage (the late, small steps average the heavy-tailed gradient noise of a sharp plan out).
+    ``pairs="rows"`` (KL) trains ψ by the batch semi-dual, each source's row of weights normalised over the batch
+    (:func:`~scones.ot.dual.dual_objective`), φ by ``objective`` with ψ fixed.
 
     ``estimator="langevin"`` (KL, squared cost; needs ``prior_score(y, level)``, the target's score, and ``chains``,
     a :class:`~scones.sampling.chains.ConditionalChains` pool of the batch size) replaces the weighted batch pairs by
@@ -52,6 +62,10 @@ class DualModule(StageModule):
             raise ValueError(f"dual.objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
         if objective == "logmeanexp":
             _kl_lam(potentials, "dual.objective=logmeanexp")
+        if pairs not in DUAL_PAIRS:
+            raise ValueError(f"dual.pairs must be one of {', '.join(DUAL_PAIRS)}, got {pairs!r}")
+        if pairs == "rows":
+            _kl_lam(potentials, "dual.pairs=rows")
         if estimator not in ESTIMATORS:
             raise ValueError(f"dual.estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}")
         if estimator == "langevin":

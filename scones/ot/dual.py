@@ -23,6 +23,15 @@ itself instead: the semi-dual J(ψ) = E_q[ψ] − λ E_p log E_q[exp((ψ − c)/
 gradient E_q[∇ψ] − E_{x~p, y~π_ψ(·|x)}[∇ψ(y)], and y ~ π_ψ(· | x) is what the SCONES sampler draws (persistent
 conditional Langevin chains, :class:`scones.sampling.chains.ConditionalChains`); φ is learned through the
 c-transform's gradient identity ∇φ(x) = 2s(x − E_π[y | x]), a regression on the same chains.
+
+``pairs="rows"`` (KL) is the batch **semi-dual**: φ is implied, for ψ's term, by ψ's soft c-transform on the batch,
+φ̂(x_i) = −λ log mean_j exp((ψ(y_j) − c(x_i, y_j))/λ), so ψ maximises mean_j ψ(y_j) + mean_i φ̂(x_i), whose
+gradient is the batch's y-marginal error 1/m − mean_i softmax_j(…) — each source's row normalised, the quantity the
+marginal health check (:mod:`scones.ot.health`) measures on fresh samples. The φ network plays no part in ψ's
+gradient (with the plain pairs, an error of φ(x_i) scales row i's weights by exp(error/λ)); it is fitted by
+``objective`` with ψ fixed, then calibrated (:func:`calibrate_mass_`). Self-normalised rows are biased by
+O(1/ESS) of a row on the batch, so this suits plans whose batch rows carry mass (the plan's information ≲ 28 nats;
+beyond, ``estimator="langevin"``).
 """
 
 from __future__ import annotations
@@ -89,6 +98,10 @@ def grad_log_compatibility(pot, x: Tensor, y: Tensor) -> Tensor:
 Pairs = Literal["all", "diagonal"]
 """Pairs of a batch the estimator uses: all n² (paper Alg. 1) or the n diagonal ones (SCONES code)."""
 PAIRS: tuple[str, ...] = get_args(Pairs)
+DualPairs = Literal["all", "diagonal", "rows"]
+"""The dual's pairs: :data:`Pairs` or ``rows``, all n² pairs with each source's row normalised (the batch semi-dual,
+KL only)."""
+DUAL_PAIRS: tuple[str, ...] = get_args(DualPairs)
 Objective = Literal["dual", "logmeanexp"]
 """J (the paper) or its shift-invariant form J' (KL only; then :func:`calibrate_mass_`)."""
 OBJECTIVES: tuple[str, ...] = get_args(Objective)
@@ -99,12 +112,15 @@ def dual_objective(
 ) -> tuple[Tensor, Tensor]:
     """Monte-Carlo estimate of J (or J' for ``objective="logmeanexp"``, KL only) and of E_{p⊗q}[H] on a batch.
 
-    Returns ``(J, mean_H)``.
+    ``pairs="rows"`` (KL): ψ's term is the batch semi-dual, φ's the objective with ψ fixed (module docstring); J is
+    then their sum, not the dual's value. Returns ``(J, mean_H)``.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"dual.objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
-    if pairs not in PAIRS:
-        raise ValueError(f"dual.pairs must be one of {', '.join(PAIRS)}, got {pairs!r}")
+    if pairs not in DUAL_PAIRS:
+        raise ValueError(f"dual.pairs must be one of {', '.join(DUAL_PAIRS)}, got {pairs!r}")
+    if pairs == "rows":
+        return _semidual_rows(pot, x, y, objective)
     if pairs == "all":
         fx, gy = pot.phi(x), pot.psi(y)
         v = fx[:, None] + gy[None, :] - pot.cost.pairwise(x, y)
@@ -120,6 +136,20 @@ def dual_objective(
     if getattr(pot.regularizer, "name", None) == "kl":  # H = exp(V/λ) = 1 + H*(V)/λ: no second n² exp for the log
         return j, 1.0 + penalty.detach() / pot.regularizer.lam
     return j, pot.regularizer.density(v.detach()).mean()
+
+
+def _semidual_rows(pot, x: Tensor, y: Tensor, objective: str) -> tuple[Tensor, Tensor]:
+    """``pairs="rows"``: ψ by the batch semi-dual (per-row normalised weights), φ by ``objective`` with ψ fixed."""
+    lam = _kl_lam(pot, "dual.pairs=rows")
+    fx, gy = pot.phi(x), pot.psi(y)
+    t = (gy[None, :] - pot.cost.pairwise(x, y)) / lam  # (ψ_j − c_ij)/λ
+    j_psi = gy.mean() - lam * (torch.logsumexp(t, 1) - math.log(t.shape[1])).mean()  # mean ψ + mean φ̂
+    v = fx[:, None] + lam * t.detach()  # φ_i + ψ_j − c_ij with ψ fixed
+    if objective == "logmeanexp":
+        log_mean_h = torch.logsumexp(v.flatten() / lam, 0) - math.log(v.numel())
+        return j_psi + fx.mean() - lam * log_mean_h, log_mean_h.detach().exp()
+    penalty = pot.regularizer.penalty(v).mean()
+    return j_psi + fx.mean() - penalty, 1.0 + penalty.detach() / lam
 
 
 DualEstimator = Literal["pairs", "langevin"]

@@ -174,7 +174,7 @@ def _always(ctx: EvalContext) -> bool:
 
 EVALUATORS: tuple[Evaluator, ...] = (
     Evaluator("dual", ("dual", "warnings"), _always, dual_metrics),
-    Evaluator("coupling", ("methods", "pot_reference"), _always, coupling_metrics),
+    Evaluator("coupling", ("methods", "pot_reference", "marginal_reference"), _always, coupling_metrics),
     Evaluator("ground_truth", ("methods", "ground_truth"), lambda ctx: ctx.truth is not None, ground_truth_metrics),
     Evaluator("density", ("density",), lambda ctx: ctx.coupling.has_density, density_metrics),
     Evaluator("conditional", ("conditional",), lambda ctx: hasattr(_benchmark(ctx), "conditional_moments"),

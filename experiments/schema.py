@@ -172,6 +172,9 @@ class Eval(Settings):
     pot_reference_max_dim: Count
     pot_joint_n: Count = 4000  # joint_raw_energy_to_pot_plan: samples per side of each POT plan
     pot_joint_refs: NonNegativeInt = 3  # independent POT plans pooled (0 = metric off)
+    marginal_refs: Count = 10  # target_sliced_w2: fresh reference sets it is averaged over
+    marginal_fresh_sets: Annotated[int, Ge(2)] = 20  # marginal_reference: fresh sets whose mean is the fresh level
+    marginal_projections: Count = 500  # random directions of the sliced-W2
     pot_divergence_lam: PositiveFloat = Field(None, validate_default=False)
     conditional_n_x: Count | None  # null: the protocol rule (experiments/evaluation.conditional_protocol)
     conditional_n_per_x: Count | None

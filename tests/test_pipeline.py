@@ -70,6 +70,13 @@ def test_swiss_roll_default_trains_score_stage(tmp_path):
     assert m["stages"]["score"] is not None and not m["stages"]["score"]["cached"]
     assert "bw_uvp" not in m["methods"]["scones"]
     assert np.isfinite(m["methods"]["scones"]["target_sliced_w2"])
+    # the fresh-sample level of the marginal metric, by the same protocol (data_model/swiss_roll_cpu.yaml: dual with
+    # the quadratic term); fresh target samples (the independent coupling) read within its spread
+    ref = m["marginal_reference"]
+    assert (ref["n"], ref["refs"], ref["fresh_sets"]) == (300, 10, 20)
+    assert abs(m["methods"]["independent"]["target_sliced_w2_vs_fresh"] - 1) * ref["target_sliced_w2_fresh"] < (
+        4 * ref["target_sliced_w2_fresh_sd"])
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["marginal_reference"] == ref
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,7 @@ dual.estimator     ``langevin`` for KL when I > 28 nats (≈ 2·log of the 10⁶
                    fixed point; the semi-dual gradient from conditional Langevin chains instead, scones.ot.dual);
                    ``pairs`` otherwise (measured: converged at I = 17 (d = 64, λ = 16) and 20 (d = 16, λ = 1));
                    mixture benchmark D = 64, ε = 0.1 (I ≈ 48, on the learned DSM score; asked there as ``auto``):
-                   moment check 0.151 → 0.048 (threshold 0.069), cBW-UVP 5.90 → 1.29 %
+                   moment check 0.151 → 0.048 (threshold 0.069), cBW-UVP 5.90 → 1.30 %
 dual.langevin.step_size  the rule of ``sampler.step_size`` (the chains are the sampler's)
 dual.langevin.burn_in    ⌈4·v_c/h⌉ rounded up to 10, before a chain (started at the conditional mean) counts;
                    the chains used (ages burn_in … 3·burn_in) lack ≤ 1 % of the widest exact conditional

@@ -474,3 +474,37 @@ def test_feature_fid_and_kid_in_classifier_space_identical_floor_and_degraded():
         assert fid[bad] > 3 * fid["target_floor"], (bad, fid)
         assert kid[bad] > 10 * max(abs(kid["target_floor"]), abs(kid["other_digits"])), (bad, kid)
     assert abs(kid["identical"]) < 0.2 * kid["blurred"]
+
+
+def test_score_figure_script_puts_runs_side_by_side_with_their_numbers(tmp_path, monkeypatch, capsys):
+    """scripts/digits_score_figure.py: panels from the ablation's grids, caption from its JSON lines (the last one
+    per label)."""
+    import json
+    import runpy
+    import sys
+    from pathlib import Path
+
+    from experiments.images import grid_png
+
+    for label in ("a", "b"):
+        (tmp_path / f"{label}.png").write_bytes(grid_png(torch.rand(4, 1, 16, 16), nrow=2))
+    rows = [
+        {"label": "a", "uncond": {"bg": {"abs": 0.5}, "ffid": 999.0, "n_steps_each": 10}},  # superseded by the next
+        {"label": "a", "uncond": {"bg": {"abs": 0.0123}, "ffid": 91.64, "n_steps_each": 10},
+         "reference": {"target_bg": {"abs": 0.002}, "ffid_floor": 64.3}},
+        {"label": "b", "uncond": {"bg": {"abs": 0.0048}, "ffid": 80.0, "n_steps_each": 10}},
+    ]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "fig.png"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "digits_score_figure.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "a=before", "b=after", "--dir", str(tmp_path), "--out", str(out)])
+    runpy.run_path(str(script), run_name="__main__")
+    caption = capsys.readouterr().out
+    assert "left, before: bg 0.012, feature FID 91.6" in caption
+    assert "right, after: bg 0.005, feature FID 80.0" in caption
+    assert "target images: bg 0.002, feature FID floor 64.3" in caption
+    w, h = Image.open(out).size
+    assert w >= 2 * Image.open(tmp_path / "a.png").size[0] and h > Image.open(tmp_path / "a.png").size[1]
+    monkeypatch.setattr(sys, "argv", [str(script), "missing=x", "--dir", str(tmp_path), "--out", str(out)])
+    with pytest.raises(SystemExit, match="no result labelled 'missing'"):
+        runpy.run_path(str(script), run_name="__main__")

@@ -132,9 +132,13 @@ def test_calibration_leaves_the_conditional_score_unchanged():
         assert float(pot.regularizer.density(violation_matrix(pot, x, y)).mean()) == pytest.approx(1.0, rel=1e-4)
 
 
+def _chi2_potentials():
+    return DualPotentials(Potential(dim=2, hidden=[8]), Potential(dim=2, hidden=[8]), SquaredEuclidean(),
+                          ChiSquared(0.1))
+
+
 def test_logmeanexp_needs_kl_and_shift_needs_a_bias():
-    pot = DualPotentials(Potential(dim=2, hidden=[8]), Potential(dim=2, hidden=[8]), SquaredEuclidean(),
-                         ChiSquared(0.1))
+    pot = _chi2_potentials()
     with pytest.raises(ValueError, match="needs the KL regulariser"):
         DualModule(pot, objective="logmeanexp")
     with pytest.raises(ValueError, match="dual.objective must be one of dual, logmeanexp"):
@@ -172,8 +176,7 @@ def test_rows_semidual_recovers_pots_plan_whatever_phi_does(objective):
 
 
 def test_rows_needs_kl_and_all_pairs_name_the_key():
-    pot = DualPotentials(Potential(dim=2, hidden=[8]), Potential(dim=2, hidden=[8]), SquaredEuclidean(),
-                         ChiSquared(0.1))
+    pot = _chi2_potentials()
     with pytest.raises(ValueError, match="dual.pairs=rows needs the KL regulariser"):
         DualModule(pot, pairs="rows")
     with pytest.raises(ValueError, match="dual.pairs must be one of all, diagonal, rows"):

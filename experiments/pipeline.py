@@ -411,14 +411,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
     tracker = Tracker.from_config(cfg, run_dir)
     exit_code = 1
     try:
+        prior_score = score = None
         if uses_langevin_estimator(spec):  # the dual trains on the plan's conditional chains: score first
             prior_score, score = score_stage(spec, problem.target, tracker)
-            potentials, dual = dual_stage(spec, problem, tracker, prior_score, score)
-        else:
-            potentials, dual = dual_stage(spec, problem, tracker)
+        potentials, dual = dual_stage(spec, problem, tracker, prior_score, score)
         with threadpool_limits(limits=1, user_api="blas"):
             health = assess_dual(spec, potentials, problem.source, problem.target) if is_rank_zero() else {}
-        if not uses_langevin_estimator(spec):
+        if score is None:
             prior_score, score = score_stage(spec, problem.target, tracker)
         bp_net, bp = bp_stage(spec, problem, potentials, dual, tracker)
         stages = {"dual": dual, "score": score, "bp": bp}

@@ -102,7 +102,7 @@ class DualModule(StageModule):
 
     def setup(self, stage: str) -> None:
         """Under DDP each process owns ``dual.batch_size / world`` chains (its share of the global batch)."""
-        world = int(getattr(self.trainer, "world_size", 1) or 1) if self._trainer is not None else 1
+        world = self.trainer.world_size
         if self.chains is not None and world > 1 and int(self.chains.age.max()) < 0:
             if self.chains.n % world:
                 raise ValueError(f"dual.batch_size={self.chains.n} must be divisible by the {world} processes "
@@ -118,7 +118,7 @@ class DualModule(StageModule):
     def on_load_checkpoint(self, checkpoint) -> None:
         if self.chains is None:
             return
-        world = self.trainer.world_size if self._trainer is not None else 1
+        world = self.trainer.world_size
         per_rank = checkpoint.get("chains_per_rank")
         saved = 1 if per_rank is None else per_rank["x"].shape[0]
         if saved != world:

@@ -34,19 +34,19 @@ class ConditionalChains(nn.Module):
     def __init__(self, n: int, shape: tuple[int, ...], step_size: float, steps_per_update: int, burn_in: int,
                  seed: int = 0) -> None:
         super().__init__()
-        if n < 1 or steps_per_update < 1 or burn_in < 1 or not step_size > 0:
-            raise ValueError(f"chains need n, steps_per_update, burn_in >= 1 and step_size > 0; got {n}, "
-                             f"{steps_per_update}, {burn_in}, {step_size}")
+        if steps_per_update < 1 or burn_in < 1 or not step_size > 0:
+            raise ValueError(f"chains need steps_per_update, burn_in >= 1 and step_size > 0; got {steps_per_update}, "
+                             f"{burn_in}, {step_size}")
         self.step_size, self.k, self.burn_in = float(step_size), int(steps_per_update), int(burn_in)
         self.lifetime = self.LIFETIME_FACTOR * self.burn_in
         self.shape, self.seed = tuple(shape), int(seed)
         self.register_buffer("cursor", torch.zeros((), dtype=torch.long))
-        self.resize(n)
+        self._allocate(n)
         self.generator = torch.Generator().manual_seed(self.seed)
 
     def resize(self, n: int) -> None:
         """Make the (empty) pool ``n`` chains; a DDP process owns ``n_global / world`` of them."""
-        if hasattr(self, "age") and int(self.age.max()) >= 0:
+        if int(self.age.max()) >= 0:
             raise RuntimeError("the chain pool can only be resized before its first update")
         self._allocate(n)
 

@@ -86,10 +86,16 @@ VARIANTS: dict[str, dict] = {
 RESAMPLE_POOL: dict = {}  # the target samples init=resample reweights (set in main, seed 0 as in Coupling)
 
 
-def compose(overrides: list[str]):
+def start_digits_job(overrides: list[str]):
+    """``+experiment=digits num_threads=1 <overrides>`` composed and started as experiments.run starts a job
+    (:func:`experiments.startup.start_job`), so the stage keys are the run's (cache reuse). Returns
+    ``(cfg, problem, spec)``; shared with scripts/digits_score_ablation.py."""
     from experiments.run import compose_config
+    from experiments.startup import start_job
 
-    return compose_config(["+experiment=digits", "num_threads=1", *overrides], ROOT / "configs")
+    cfg = compose_config(["+experiment=digits", "num_threads=1", *overrides], ROOT / "configs")
+    problem, spec, _ = start_job(cfg)
+    return cfg, problem, spec
 
 
 @torch.no_grad()
@@ -176,11 +182,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="append one JSON line per variant here")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
-    torch.set_num_threads(1)
-    cfg = compose(args.overrides)
-    from experiments.startup import start_job
-
-    problem, spec, _ = start_job(cfg)  # as experiments.run does, so the stage keys are the run's (cache reuse)
+    cfg, problem, spec = start_digits_job(args.overrides)
     source, target, cost, regularizer = problem
     potentials, dual = P.dual_stage(spec, problem)
     prior_score, _ = P.score_stage(spec, target)
@@ -234,7 +236,7 @@ def main() -> None:
         if args.json:
             with args.json.open("a") as f:
                 f.write(json.dumps({**row, "overrides": args.overrides}) + "\n")
-        k = 10
+        k = min(10, x.shape[0])  # the grid: up to 10 sources
         (args.out / f"{name}.png").write_bytes(images.grid_png(
             torch.cat([x[:k, None], y[:k, None], y_bp[:k, None]], 1).reshape(3 * k, *x.shape[1:]), nrow=6))
     print("n_per_set", fd["n_per_set"], "n_reference", fd["n_reference"], "features", fd["features"])

@@ -43,6 +43,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from digits_sampler_ablation import start_digits_job  # noqa: E402
 
 from experiments import images  # noqa: E402
 from experiments import pipeline as P  # noqa: E402
@@ -52,12 +55,6 @@ from scones.metrics.feature_distance import PenultimateFeatures, feature_distanc
 from scones.sampling.conditional import LearnedPriorScore  # noqa: E402
 from scones.sampling.langevin import annealed_langevin  # noqa: E402
 from scones.sampling.settings import validate_sampler  # noqa: E402
-
-
-def compose(overrides: list[str]):
-    from experiments.run import compose_config
-
-    return compose_config(["+experiment=digits", "num_threads=1", *overrides], ROOT / "configs")
 
 
 @torch.no_grad()
@@ -92,11 +89,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="append the result as one JSON line here")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
-    torch.set_num_threads(1)
-    cfg = compose(args.overrides)
-    from experiments.startup import start_job
-
-    problem, spec, _ = start_job(cfg)  # as experiments.run does, so the stage keys are the run's (cache reuse)
+    cfg, problem, spec = start_digits_job(args.overrides)
     target = problem.target
     cpu: dict[str, float] = {}
     t0 = time.process_time()

@@ -15,6 +15,15 @@ overrides and reports, as one JSON line (appended to ``--json`` with ``--label``
   (:func:`scones.metrics.feature_distance.feature_distances`, as ``metrics.json``'s ``feature_fid``) and the share
   of samples the digit classifier gives each class (``class_share``, a mode-collapse check);
 * ``reference``: the same statistics of target images (``bg`` of the target set, the feature-FID floor);
+* ``confident`` (in ``uncond``, ``reference`` and ``oracle``): the share of images the digit classifier gives one
+  class with probability > 0.9, a readability statistic (held-out target images: ≈ 0.94), and ``nn_median``: the
+  median L2 distance of a sample to its nearest image of the score's training set (a memorisation check: 0 = a
+  copy; the held-out target images' distance to the other target images, in ``reference``: ≈ 1.5);
+* with ``--oracle-levels K1,K2,…``: which noise levels limit the unconditional samples. For each K the same
+  chains run the exact score of the score's training images convolved with N(0, σ_i²) (the empirical mixture,
+  :class:`scones.data.distributions.GaussianMixture`, i.e. what a perfect fit of the DSM loss on these images
+  gives) at levels i < K and the learned score at levels i ≥ K (K = L: the mixture everywhere, which copies
+  training images; K = 0: the learned score alone);
 * with ``--chains``: SCONES samples of the run's sampler (``scones_default``; the evaluation's sources, chain
   starts and seeds) and of chains from BP(x) + σ z started at the level nearest ``--bp-start-sigma`` (``scones_bp``;
   σ₈ = 0.028 of the default schedule, ``sampler.init=bp_noise sampler.skip_levels=7``), with BP and the
@@ -24,6 +33,7 @@ CPU times (process time) of each part, incl. training the score when it was not 
 
     python scripts/digits_score_ablation.py --chains                      # the cached score of the default run
     python scripts/digits_score_ablation.py --label sigma005 -- score.sigma_min=0.005 score.n_levels=11
+    python scripts/digits_score_ablation.py --label levels --oracle-levels 3,4,5,6,10   # which levels limit it
 
 Everything after ``--`` is a Hydra override of the digits experiment (a score setting that is not cached is
 trained first, ~5 CPU-min at 800 steps). Grids of the unconditional samples go to ``--out``
@@ -87,9 +97,11 @@ def main() -> None:
     ap.add_argument("--label", default="score")
     ap.add_argument("--out", type=Path, default=ROOT / "outputs" / "score_ablation")
     ap.add_argument("--json", type=Path, default=None, help="append the result as one JSON line here")
+    ap.add_argument("--oracle-levels", default="", help="K1,K2,…: the empirical-mixture score below level K")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     cfg, problem, spec = start_digits_job(args.overrides)
+    args.out.mkdir(parents=True, exist_ok=True)
     target = problem.target
     cpu: dict[str, float] = {}
     t0 = time.process_time()
@@ -135,18 +147,26 @@ def main() -> None:
     d = fd({"uncond": y})
     with torch.no_grad():
         pred = clf(y.clamp(0, 1)).argmax(1)
+    train_flat = target.images.flatten(1)
     result["uncond"] = {
         "n": args.n, "step_lr": float(sg.step_lr), "n_steps_each": int(sg.n_steps_each),
         "bg": images.background_stats(y, mask), "bg_before_denoise": images.background_stats(raw, mask)["abs"],
         "ffid": d["fid"]["uncond"], "fkid": d["kid"]["uncond"]["mean"],
         "class_share": [round(float((pred == c).float().mean()), 3) for c in range(10)],
         "out_of_range": float(((y < -0.05) | (y > 1.05)).float().mean()),
+        **readability(clf, y, train_flat),
     }
+    heldout = trained["heldout_images"]
     result["reference"] = {
         "target_bg": images.background_stats(target.images, mask), "ffid_floor": d["fid"]["target_floor"],
         "fkid_floor": d["kid"]["target_floor"]["mean"], "n_per_set": d["n_per_set"],
+        # nn_median: the held-out images' distance to the nearest of the other target images (a new digit's level)
+        **readability(clf, heldout, images.without_reference(lcs, spec.seed, target).images.flatten(1)),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
+    if args.oracle_levels:
+        t0 = time.process_time()
+        result["oracle"] = oracle_rows(module, sigmas, target, args, sg, spec, fd, clf, train_flat)
+        cpu["oracle"] = round(time.process_time() - t0, 1)
     (args.out / f"{args.label}.png").write_bytes(images.grid_png(y[:64], nrow=8))
 
     if args.chains:
@@ -159,6 +179,46 @@ def main() -> None:
     if args.json:
         with args.json.open("a") as f:
             f.write(json.dumps(result) + "\n")
+
+
+@torch.no_grad()
+def readability(clf, y: torch.Tensor, train_flat: torch.Tensor) -> dict:
+    """``confident``: share of images the classifier gives one class with probability > 0.9; ``nn_median``:
+    median L2 distance to the nearest training image."""
+    prob = clf(y.float().clamp(0, 1)).softmax(1)
+    nn_dist = torch.cdist(y.float().flatten(1), train_flat).min(1).values
+    return {"confident": float((prob.max(1).values > 0.9).float().mean()), "nn_median": float(nn_dist.median())}
+
+
+def oracle_rows(module, sigmas, target, args, sg, spec, fd, clf, train_flat) -> list[dict]:
+    """Unconditional chains (the seeds of ``uncond``) with the empirical-mixture score at levels < K and the learned
+    score at levels ≥ K, for each K of ``--oracle-levels``."""
+    from scones.data.distributions import GaussianMixture
+
+    mixtures = [GaussianMixture(train_flat, stds=float(s)) for s in sigmas.tolist()]
+
+    def mixture_score(y: torch.Tensor, i: int) -> torch.Tensor:
+        flat = y.flatten(1)
+        return torch.cat([mixtures[i].score(part) for part in flat.split(50)]).view_as(y)
+
+    samples, rows = {}, []
+    for k in [int(v) for v in args.oracle_levels.split(",")]:
+        def score(y, i, k=k):
+            return mixture_score(y, i) if i < k else module.score(y, i)
+
+        g = torch.Generator().manual_seed(int(spec.seed) + 600)
+        y0 = torch.rand((args.n, *target.shape), generator=g)
+        samples[f"K{k}"] = annealed_langevin(score, y0, sigmas, float(sg.step_lr), int(sg.n_steps_each),
+                                             denoise=True, skip_levels=int(sg.skip_levels), disable=True, generator=g)
+        rows.append({"K": k, "sigma_K": float(sigmas[k]) if k < len(sigmas) else None})
+    d = fd(samples)
+    for row in rows:
+        y = samples[f"K{row['K']}"]
+        row.update(ffid=d["fid"][f"K{row['K']}"], fkid=d["kid"][f"K{row['K']}"]["mean"],
+                   **readability(clf, y, train_flat))
+        print("oracle below level", json.dumps(row), flush=True)
+        (args.out / f"{args.label}_oracle{row['K']}.png").write_bytes(images.grid_png(y[:64], nrow=8))
+    return rows
 
 
 def conditional_rows(spec, cfg, problem, module, mask, clf, fd, args) -> dict:

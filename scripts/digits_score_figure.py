@@ -3,6 +3,7 @@
 Each ``LABEL=TITLE`` names a run of the ablation script (its grid ``<out>/<LABEL>.png`` and its last line with
 that label in ``--json``); the panels are put side by side, left to right, and captioned with each run's background
 statistic ``bg`` and unconditional feature FID beside the target images' ``bg`` and feature-FID floor.
+``LABEL@K=TITLE`` is that run's ``--oracle-levels`` chains with the empirical mixture below level K.
 
     python scripts/digits_score_figure.py baseline="Gaussian baseline, 800 steps" s1600cos="1600 steps, cosine" \
         --out docs/figures/digits_score_samples.png
@@ -43,14 +44,24 @@ def main() -> None:
     results = args.json or args.dir / "results.jsonl"
     tiles, lines = [], []
     for i, panel in enumerate(args.panels):
-        label, _, title = panel.partition("=")
+        spec, _, title = panel.partition("=")
+        label, _, k = spec.partition("@")
         r = last_result(results, label)
-        u = r["uncond"]
         where = {1: ["samples"], 2: ["left", "right"], 3: ["left", "middle", "right"]}.get(
             len(args.panels), [f"panel {j + 1}" for j in range(len(args.panels))])[i]
-        lines.append(f"{where}, {title or label}: bg {u['bg']['abs']:.3f}, feature FID {u['ffid']:.1f}")
+        if k:  # an --oracle-levels run of the ablation: the empirical mixture below level K
+            rows = [o for o in r.get("oracle", []) if o["K"] == int(k)]
+            if not rows:
+                raise SystemExit(f"run {label!r} has no --oracle-levels result for K = {k}")
+            lines.append(f"{where}, {title or spec}: feature FID {rows[0]['ffid']:.1f}, "
+                         f"confident {rows[0]['confident']:.2f}")
+            tiles.append(Image.open(args.dir / f"{label}_oracle{k}.png").convert("RGB"))
+            continue
+        u = r["uncond"]
+        extra = f", confident {u['confident']:.2f}" if "confident" in u else ""
+        lines.append(f"{where}, {title or label}: bg {u['bg']['abs']:.3f}, feature FID {u['ffid']:.1f}{extra}")
         tiles.append(Image.open(args.dir / f"{label}.png").convert("RGB"))
-    first = last_result(results, args.panels[0].partition("=")[0])
+    first = last_result(results, args.panels[0].partition("=")[0].partition("@")[0])
     ref, n = first["reference"], first["uncond"]
     gap = 16
     w = sum(t.size[0] for t in tiles) + gap * (len(tiles) - 1)
@@ -66,7 +77,8 @@ def main() -> None:
         "Unconditional samples of the digits score model alone",
         f"(U[0,1] start, 10 levels x {n['n_steps_each']} steps, denoising step)",
         *lines,
-        f"target images: bg {ref['target_bg']['abs']:.3f}, feature FID floor {ref['ffid_floor']:.1f}",
+        f"target images: bg {ref['target_bg']['abs']:.3f}, feature FID floor {ref['ffid_floor']:.1f}"
+        + (f", confident {ref['confident']:.2f}" if "confident" in ref else ""),
     ])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_bytes(images.captioned_png(buf.getvalue(), caption))

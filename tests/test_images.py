@@ -505,6 +505,23 @@ def test_score_figure_script_puts_runs_side_by_side_with_their_numbers(tmp_path,
     assert "target images: bg 0.002, feature FID floor 64.3" in caption
     w, h = Image.open(out).size
     assert w >= 2 * Image.open(tmp_path / "a.png").size[0] and h > Image.open(tmp_path / "a.png").size[1]
+    # LABEL@K: the run's --oracle-levels chains (empirical mixture below level K), grid <label>_oracle<K>.png
+    rows.append({"label": "c", "uncond": {"bg": {"abs": 0.005}, "ffid": 96.1, "n_steps_each": 10, "confident": 0.61},
+                 "oracle": [{"K": 5, "ffid": 65.61, "confident": 0.9}],
+                 "reference": {"target_bg": {"abs": 0.002}, "ffid_floor": 64.3, "confident": 0.94}})
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for name in ("c", "c_oracle5"):
+        (tmp_path / f"{name}.png").write_bytes(grid_png(torch.rand(4, 1, 16, 16), nrow=2))
+    monkeypatch.setattr(sys, "argv", [str(script), "c=learned", "c@5=mixture above", "--dir", str(tmp_path),
+                                      "--out", str(out)])
+    runpy.run_path(str(script), run_name="__main__")
+    caption = capsys.readouterr().out
+    assert "left, learned: bg 0.005, feature FID 96.1, confident 0.61" in caption
+    assert "right, mixture above: feature FID 65.6, confident 0.90" in caption
+    assert "feature FID floor 64.3, confident 0.94" in caption
+    monkeypatch.setattr(sys, "argv", [str(script), "c@3=x", "--dir", str(tmp_path), "--out", str(out)])
+    with pytest.raises(SystemExit, match="no --oracle-levels result for K = 3"):
+        runpy.run_path(str(script), run_name="__main__")
     monkeypatch.setattr(sys, "argv", [str(script), "missing=x", "--dir", str(tmp_path), "--out", str(out)])
     with pytest.raises(SystemExit, match="no result labelled 'missing'"):
         runpy.run_path(str(script), run_name="__main__")

@@ -42,11 +42,12 @@ def main() -> None:
     from PIL import Image
 
     results = args.json or args.dir / "results.jsonl"
-    tiles, lines = [], []
+    tiles, lines, runs = [], [], []
     for i, panel in enumerate(args.panels):
         spec, _, title = panel.partition("=")
         label, _, k = spec.partition("@")
         r = last_result(results, label)
+        runs.append(r)
         where = {1: ["samples"], 2: ["left", "right"], 3: ["left", "middle", "right"]}.get(
             len(args.panels), [f"panel {j + 1}" for j in range(len(args.panels))])[i]
         if k:  # an --oracle-levels run of the ablation: the empirical mixture below level K
@@ -61,8 +62,7 @@ def main() -> None:
         extra = f", confident {u['confident']:.2f}" if "confident" in u else ""
         lines.append(f"{where}, {title or label}: bg {u['bg']['abs']:.3f}, feature FID {u['ffid']:.1f}{extra}")
         tiles.append(Image.open(args.dir / f"{label}.png").convert("RGB"))
-    first = last_result(results, args.panels[0].partition("=")[0].partition("@")[0])
-    ref, n = first["reference"], first["uncond"]
+    ref, n = runs[0]["reference"], runs[0]["uncond"]
     gap = 16
     w = sum(t.size[0] for t in tiles) + gap * (len(tiles) - 1)
     h = max(t.size[1] for t in tiles)

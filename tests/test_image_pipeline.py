@@ -231,7 +231,7 @@ def test_score_module_ema_is_checkpointed_restored_and_used_for_sampling(tmp_pat
 def test_ncsn_gaussian_baseline_is_the_diagonal_gaussian_score_and_travels_with_the_weights():
     torch.manual_seed(0)
     sig = geometric_sigmas(1.0, 0.01, 4)
-    net = NCSN(1, ngf=4, sigmas=sig, scale_by_sigma=True, gaussian_baseline=True)
+    net = NCSN(1, ngf=4, sigmas=sig, preconditioning="sigma", gaussian_baseline=True)
     with torch.no_grad():  # body output 0: the net is its baseline alone
         net.body.end_conv.weight.zero_()
         net.body.end_conv.bias.zero_()
@@ -249,9 +249,48 @@ def test_ncsn_gaussian_baseline_is_the_diagonal_gaussian_score_and_travels_with_
     # the statistics are buffers: a fresh net (and a score module's EMA copy) gets them from the state_dict
     module = ScoreModule(net, sig, ema_decay=0.5)
     module.ema.update_parameters(module.net)
-    fresh = ScoreModule(NCSN(1, ngf=4, sigmas=sig, scale_by_sigma=True, gaussian_baseline=True), sig)
+    fresh = ScoreModule(NCSN(1, ngf=4, sigmas=sig, preconditioning="sigma", gaussian_baseline=True), sig)
     fresh.load_state_dict(module.state_dict())
     torch.testing.assert_close(fresh.score(y, 3), net(y, 3))
+
+
+def test_ncsn_gaussian_preconditioning_is_edm_with_the_per_pixel_gaussian_fit():
+    """preconditioning='gaussian': s = (D − y)/σ² with D = m + c_skip (y − m) + c_out F, and the DSM loss with the
+    net's weight is EDM's ½‖(D(ỹ) − y)/c_out‖², both written out independently here."""
+    from scones.models.score import dsm_loss
+
+    torch.manual_seed(0)
+    sig = geometric_sigmas(1.0, 0.01, 4)
+    with pytest.raises(ValueError, match="gaussian_baseline"):
+        NCSN(1, ngf=4, sigmas=sig, preconditioning="gaussian")
+    with pytest.raises(ValueError, match="preconditioning must be one of"):
+        NCSN(1, ngf=4, sigmas=sig, preconditioning="edm")
+    net = NCSN(1, ngf=4, sigmas=sig, preconditioning="gaussian", gaussian_baseline=True)
+    data = 0.2 + 0.1 * torch.randn(2000, 1, 8, 8)
+    data[:, :, :2] = 0.0  # a border the data never uses (v = 0 -> v_d = (σ_L/10)²)
+    with pytest.raises(RuntimeError, match="fit_baseline"):
+        net(data[:2], 0)
+    net.fit_baseline(data)
+    m, v_d = data.mean(0), data.var(0, correction=0) + 0.001**2
+    y = data[:6]
+    labels = torch.tensor([0, 1, 2, 3, 3, 0])
+    s_b = sig[labels].view(-1, 1, 1, 1)
+    ynoisy = y + s_b * torch.randn_like(y)
+    with torch.no_grad():
+        f = net.body(2 * ynoisy - 1, labels)
+        c_skip, c_out = v_d / (v_d + s_b**2), s_b * (v_d / (v_d + s_b**2)).sqrt()
+        denoised = m + c_skip * (ynoisy - m) + c_out * f
+        torch.testing.assert_close(net(ynoisy, labels), (denoised - ynoisy) / s_b**2, rtol=1e-4, atol=1e-4)
+        gen = torch.Generator().manual_seed(3)
+        loss = dsm_loss(net, y, sig, labels=labels, generator=gen)
+        gen = torch.Generator().manual_seed(3)
+        z = torch.randn(y.shape, generator=gen)
+        yz = y + s_b * z
+        d = m + c_skip * (yz - m) + c_out * net.body(2 * yz - 1, labels)
+        edm = (0.5 * ((d - y) / c_out).pow(2).flatten(1).sum(1)).mean()
+        torch.testing.assert_close(loss, edm, rtol=1e-4, atol=1e-4)
+        with pytest.raises(ValueError, match="anneal_power"):
+            dsm_loss(net, y, sig, anneal_power=1.0)
 
 
 class _ZeroScore(nn.Module):

@@ -229,11 +229,11 @@ def test_ncsn_v1_levels_are_distinct():
     assert all(not torch.allclose(outs[0], o, atol=1e-4) for o in outs[1:])
 
 
-def test_ncsn_v1_scale_by_sigma_divides_the_same_body_by_the_level_sigma():
+def test_ncsn_v1_sigma_preconditioning_divides_the_same_body_by_the_level_sigma():
     sig = geometric_sigmas(1.0, 0.01, 4)
     torch.manual_seed(0)
     plain = NCSN(1, ngf=4, sigmas=sig)
-    scaled = NCSN(1, ngf=4, sigmas=sig, scale_by_sigma=True)
+    scaled = NCSN(1, ngf=4, sigmas=sig, preconditioning="sigma")
     scaled.load_state_dict(plain.state_dict())
     y = torch.rand(3, 1, 8, 8)
     for i, s in enumerate(sig.tolist()):

@@ -24,7 +24,8 @@ def dsm_loss(
     with σ_i = σ_{l_i}, ``p = anneal_power``, the squared norm summed over all pixels (not averaged), and
     noise-level indices ``l_i`` drawn uniformly in ``[0, L)`` unless ``labels`` is given. The minimiser is
     the score of the data convolved with N(0, σ²I); for data N(0, s²I) in D dims the minimum value at
-    level σ is ``(D/2)·s²/(s²+σ²)`` (used in the tests).
+    level σ is ``(D/2)·s²/(s²+σ²)`` (used in the tests). A network with a ``dsm_weight(σ, y)`` method that returns
+    a tensor (NCSN with ``preconditioning="gaussian"``) replaces σ_i^p by that per-pixel weight inside the sum.
 
     Args:
         net: callable ``net(ỹ, sigma)`` receiving the σ values ``(n,)`` (see module docstring).
@@ -48,8 +49,16 @@ def dsm_loss(
     sig_b = sig.view(n, *([1] * (y.ndim - 1)))
     z = torch.randn(y.shape, device=y.device, dtype=y.dtype, generator=generator)
     scores = net(y + sig_b * z, sig)
-    sq = (scores + z / sig_b).pow(2).reshape(n, -1).sum(1)
-    return (0.5 * sq * sig.pow(anneal_power)).mean()
+    weight = net.dsm_weight(sig, y) if hasattr(net, "dsm_weight") else None
+    if weight is None:
+        sq = (scores + z / sig_b).pow(2).reshape(n, -1).sum(1)
+        return (0.5 * sq * sig.pow(anneal_power)).mean()
+    if anneal_power != 2.0:
+        raise ValueError(
+            f"{type(net).__name__} weights its own DSM loss (dsm_weight, e.g. NCSN preconditioning='gaussian'); "
+            f"anneal_power={anneal_power} would be ignored: leave score.anneal_power at 2"
+        )
+    return (0.5 * (weight * (scores + z / sig_b).pow(2)).reshape(n, -1).sum(1)).mean()
 
 
 class ScoreModule(StageModule):

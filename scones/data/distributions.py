@@ -132,23 +132,24 @@ class GaussianMixture(Distribution):
         return self.means[idx] + self.stds[idx] * z
 
     def _log_comp(self, y: Tensor) -> Tensor:
-        m, s = self.means.to(y), self.stds.to(y)
-        z = (y[:, None, :] - m[None]) / s[None]
-        return (
-            torch.log(self.weights.to(y))[None]
-            - 0.5 * z.pow(2).sum(-1)
-            - torch.log(s).sum(-1)[None]
-            - 0.5 * self.dim * math.log(2 * math.pi)
-        )
+        """log w_k + log N(y; m_k, diag s_k²) ``(n, k)``, through matrix products: no ``(n, k, d)`` tensor, so a
+        mixture of thousands of images scores a batch at once. The squared Mahalanobis distance
+        Σ_d (y_d − m_kd)²/s_kd² = y² · p_k − 2 y · (m_k p_k) + m_k² · p_k (p = 1/s²) is expanded in float64, which
+        keeps the cancellation of its large terms (p = 10⁴ at σ = 0.01) well below the logits' scale."""
+        y64, m, p = y.double(), self.means.to(y.device, torch.float64), self.stds.to(y.device, torch.float64).pow(-2)
+        maha = y64.pow(2) @ p.T - 2.0 * (y64 @ (m * p).T) + (m.pow(2) * p).sum(-1)[None]
+        norm = torch.log(self.weights.to(y.device, torch.float64)) + 0.5 * torch.log(p).sum(-1)
+        return (norm[None] - 0.5 * maha.clamp_min(0.0) - 0.5 * self.dim * math.log(2 * math.pi)).to(y.dtype)
 
     def log_prob(self, y: Tensor) -> Tensor:
         return torch.logsumexp(self._log_comp(y), dim=1)
 
     def score(self, y: Tensor) -> Tensor:
-        resp = torch.softmax(self._log_comp(y), dim=1)  # (n, k)
-        m, s = self.means.to(y), self.stds.to(y)
-        comp_scores = -(y[:, None, :] - m[None]) / s[None].pow(2)
-        return (resp[..., None] * comp_scores).sum(1)
+        """Σ_k r_k(y) (m_k − y)/s_k² with responsibilities r = softmax(log-components) ``(n, k)``: two matrix
+        products, r (m/s²) − y ⊙ (r (1/s²))."""
+        resp = torch.softmax(self._log_comp(y), dim=1)
+        m, p = self.means.to(y), self.stds.to(y).pow(-2)
+        return resp @ (m * p) - y * (resp @ p)
 
 
 class SwissRoll(Distribution):

@@ -243,6 +243,14 @@ def test_ncsn_v1_sigma_preconditioning_divides_the_same_body_by_the_level_sigma(
     labels = torch.tensor([0, 3, 1])  # per-sample levels
     with torch.no_grad():
         assert torch.allclose(scaled(y, labels) * sig[labels].view(-1, 1, 1, 1), plain(y, labels), atol=1e-6)
+    # a config saved before the rename (scale_by_sigma) still builds the same network, with a warning
+    with pytest.warns(DeprecationWarning, match="preconditioning='sigma'"):
+        old = NCSN(1, ngf=4, sigmas=sig, scale_by_sigma=True)
+    old.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(old(y, labels), scaled(y, labels))
+    with pytest.raises(ValueError, match="contradicts"):
+        NCSN(1, ngf=4, sigmas=sig, scale_by_sigma=True, preconditioning="gaussian", gaussian_baseline=True)
 
 
 class _GaussianScore(nn.Module):

@@ -37,6 +37,7 @@ and ≥ 4 (8×8 digits run at 8×8 / 4×4 internally).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -440,8 +441,17 @@ class NCSN(ScoreNetwork):
         dim: int | None = None,
         preconditioning: str = "none",
         gaussian_baseline: bool = False,
+        scale_by_sigma: bool | None = None,
     ) -> None:
         check_flat_dim(type(self).__name__, dim, channels)
+        if scale_by_sigma is not None:  # the configs of runs saved before the rename still build and load
+            if scale_by_sigma and preconditioning not in ("none", "sigma"):
+                raise ValueError(f"NCSN: scale_by_sigma=True contradicts preconditioning={preconditioning!r}")
+            warnings.warn(
+                "NCSN(scale_by_sigma=...) is renamed: use preconditioning='sigma' (score.net.preconditioning: sigma) "
+                "or 'none'", DeprecationWarning, stacklevel=2,
+            )
+            preconditioning = "sigma" if scale_by_sigma else preconditioning
         if preconditioning not in self.PRECONDITIONING:
             raise ValueError(f"NCSN preconditioning must be one of {self.PRECONDITIONING}, got {preconditioning!r}")
         if preconditioning == "gaussian" and not gaussian_baseline:

@@ -20,7 +20,7 @@ from experiments import images
 from experiments.pipeline import ConfigError, run
 from experiments.startup import read_run, sampler_settings
 from scones.data.images import DigitsImages
-from scones.models.score import ScoreModule
+from scones.models.score import ScoreModule, dsm_loss
 from scones.nets.ncsn import NCSN, NCSNv2
 from scones.sampling.conditional import LearnedPriorScore, initial_chains
 from scones.sampling.schedules import geometric_sigmas
@@ -257,8 +257,6 @@ def test_ncsn_gaussian_baseline_is_the_diagonal_gaussian_score_and_travels_with_
 def test_ncsn_gaussian_preconditioning_is_edm_with_the_per_pixel_gaussian_fit():
     """preconditioning='gaussian': s = (D − y)/σ² with D = m + c_skip (y − m) + c_out F, and the DSM loss with the
     net's weight is EDM's ½‖(D(ỹ) − y)/c_out‖², both written out independently here."""
-    from scones.models.score import dsm_loss
-
     torch.manual_seed(0)
     sig = geometric_sigmas(1.0, 0.01, 4)
     with pytest.raises(ValueError, match="gaussian_baseline"):

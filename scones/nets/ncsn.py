@@ -330,11 +330,12 @@ class ScoreNetwork(nn.Module):
                 "fit_baseline(images) before training (the score stage does) or load a trained state_dict"
             )
 
-    def baseline_score(self, y: Tensor, sigma: Tensor) -> Tensor:
+    def baseline_score(self, y: Tensor, sigma: Tensor, var_floor: float | Tensor = 0.0) -> Tensor:
         """−(y − m)/(v + σ²): the exact score of the data's diagonal Gaussian fit N(m, diag v) convolved with
-        N(0, σ²I), per sample σ ``(n,)``. Exact on pixels the data never changes (v = 0), e.g. a black border."""
+        N(0, σ²I), per sample σ ``(n,)``. Exact on pixels the data never changes (v = 0), e.g. a black border.
+        ``var_floor`` is added to v (NCSN's ``"gaussian"`` preconditioning: v_d = v + (σ_L/10)²)."""
         self._check_fitted()
-        var = self.data_var.to(y.dtype) + sigma.view(-1, *([1] * (y.ndim - 1))).pow(2)
+        var = self.data_var.to(y.dtype) + var_floor + sigma.view(-1, *([1] * (y.ndim - 1))).pow(2)
         return -(y - self.data_mean.to(y.dtype)) / var
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -467,9 +468,13 @@ class NCSN(ScoreNetwork):
         self.channels, self.ngf, self.preconditioning = channels, ngf, preconditioning
         self.body = RefineNet(channels, ngf, num_classes=self.num_levels)
 
+    def _var_floor(self, y: Tensor) -> Tensor:
+        """(σ_L/10)², added to the data's per-pixel variance v by the ``"gaussian"`` preconditioning."""
+        return (0.1 * self.sigmas.min().to(y.dtype)) ** 2
+
     def _data_var(self, y: Tensor) -> Tensor:
         """v_d = v + (σ_L/10)² per pixel (``"gaussian"`` preconditioning)."""
-        return self.data_var.to(y.dtype) + (0.1 * self.sigmas.min().to(y.dtype)) ** 2
+        return self.data_var.to(y.dtype) + self._var_floor(y)
 
     def forward(self, y: Tensor, t: int | float | Tensor) -> Tensor:
         labels = self.noise_labels(y, t)
@@ -477,9 +482,8 @@ class NCSN(ScoreNetwork):
         out = self.body(2.0 * y - 1.0, labels)
         sig_b = sig.to(out.dtype).view(-1, *([1] * (y.ndim - 1)))
         if self.preconditioning == "gaussian":
-            self._check_fitted()
-            v_d = self._data_var(y)
-            return -(y - self.data_mean.to(y.dtype)) / (v_d + sig_b**2) + out * (v_d / (v_d + sig_b**2)).sqrt() / sig_b
+            v_d = self._data_var(y)  # the Gaussian part is baseline_score with v_d for v
+            return self.baseline_score(y, sig, self._var_floor(y)) + out * (v_d / (v_d + sig_b**2)).sqrt() / sig_b
         if self.preconditioning == "sigma":
             out = out / sig_b
         if self.gaussian_baseline:

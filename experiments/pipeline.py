@@ -35,7 +35,7 @@ from scones.coupling import Coupling, chunk_seed
 from scones.data.streams import stream_loader
 from scones.models.barycentric import BarycentricModule
 from scones.models.dual import DualModule
-from scones.models.score import ScoreModule
+from scones.models.score import MixtureExpert, ScoreModule
 from scones.ot.dual import DualPotentials
 from scones.sampling import conditional
 from scones.sampling.langevin import NonFiniteSampleError
@@ -212,6 +212,29 @@ def calibrate_dual(run: RunSpec, pot, source, target) -> None:
     log.info("dual: calibrated E[H] = 1 on %d x %d pairs (phi shifted by %.4g)", n, n, -k)
 
 
+EXPERT_MAX_BYTES = 2 * 2**30  # k·d² float64 eigenvectors of score.expert's covariances
+
+
+def mixture_expert(settings, target, seed: int) -> MixtureExpert | None:
+    """``score.expert`` fitted to ``BASELINE_SAMPLES`` target samples (None when ``components`` is 0)."""
+    k = int(settings.components)
+    if k == 0:
+        return None
+    d = int(np.prod(target.shape))
+    if k * d * d * 8 > EXPERT_MAX_BYTES:
+        raise ConfigError(
+            f"score.expert.components={k} on {d}-dimensional data needs {k * d * d * 8 / 2**30:.1f} GiB of "
+            f"covariances (full, {d}x{d} each; limit {EXPERT_MAX_BYTES / 2**30:.0f} GiB): set "
+            "score.expert.components=0 or fewer components"
+        )
+    t0 = time.perf_counter()
+    x = target.sample(BASELINE_SAMPLES, generator=torch.Generator().manual_seed(seed + 13))
+    expert = MixtureExpert.fit(x, k, float(settings.sigma_min), float(settings.reg_covar), seed=seed + 13)
+    log.info("score: expert of %d Gaussians (sigma >= %g) fitted in %.1f s", k, settings.sigma_min,
+             time.perf_counter() - t0)
+    return expert
+
+
 def score_stage(run: RunSpec, target, tracker: Tracker | None = None) -> tuple[Any, Stage | None]:
     """Returns ``prior_score(y, level)`` and the stage (None when the target's exact score is used)."""
     sc = run.score.settings
@@ -234,6 +257,7 @@ def score_stage(run: RunSpec, target, tracker: Tracker | None = None) -> tuple[A
         anneal_power=sc.anneal_power, lr_schedule=sc.lr_schedule,
         callbacks=images.score_callbacks(run.eval.settings.score_grid, run.seed, stage.dir, target),
     )
+    module.expert = mixture_expert(sc.expert, target, run.seed)
     loader = stream_loader([target], sc.batch_size, run.seed + 11, run.training.num_workers)
     run_training_stage(run.training, stage, module, loader, sc.steps, module, tracker)
     module.eval()

@@ -93,6 +93,16 @@ class OnlineSinkhornDual(Settings):
     steps: Count
 
 
+class MixtureExpertSettings(Settings):
+    """``score.expert``: a full-covariance Gaussian mixture fitted to the target by EM replaces the score net at
+    the levels σ ≥ ``sigma_min`` (:class:`scones.models.score.MixtureExpert`); ``components: 0`` = off. Fitted in
+    seconds when the score stage is built or loaded, so it is not part of the stage's cache key."""
+
+    components: NonNegativeInt = 0
+    sigma_min: PositiveFloat = 0.1
+    reg_covar: PositiveFloat = 0.01  # added to every covariance's diagonal (pixels the data never changes)
+
+
 class LearnedScore(NetTraining):
     kind: Literal["auto", "learned"]
     net: Target
@@ -102,6 +112,7 @@ class LearnedScore(NetTraining):
     ema_decay: float | None = None
     anneal_power: NonNegativeFloat = 2.0  # DSM weight sigma^p per level (2: NCSN; < 2 weights the small levels more)
     lr_schedule: Literal["constant", "cosine"] = "constant"
+    expert: MixtureExpertSettings = MixtureExpertSettings()
 
     @model_validator(mode="after")
     def _schedule(self) -> LearnedScore:

@@ -210,6 +210,10 @@ class RunSpec:
     eval: EvalSpec
 
 
+def _without(section: dict, key: str) -> dict:
+    return {k: v for k, v in section.items() if k != key} if isinstance(section, dict) else section
+
+
 def read_run(cfg: DictConfig, settings: RunConfig | None = None) -> RunSpec:
     """The typed :class:`RunSpec` of a composed (and validated) config; ``settings`` is its
     :class:`~experiments.schema.RunConfig` when already checked (else it is read here, schema checks only)."""
@@ -220,7 +224,9 @@ def read_run(cfg: DictConfig, settings: RunConfig | None = None) -> RunSpec:
         seed=seed,
         dual=StageSpec("dual", run.dual, _plain(cfg, "dual"),
                        (_plain(cfg, "data"), _plain(cfg, "cost"), _plain(cfg, "regularizer"), seed)),
-        score=StageSpec("score", run.score, _plain(cfg, "score"), (_plain(cfg, "data.target"), seed)),
+        # score.expert is fitted when the stage is built or loaded (seconds), not trained: outside the cache key
+        score=StageSpec("score", run.score, _without(_plain(cfg, "score"), "expert"),
+                        (_plain(cfg, "data.target"), seed)),
         bp=StageSpec("bp", run.bp, _plain(cfg, "bp"), (seed,)),
         sampler=run.sampler,
         training=TrainingSpec(

@@ -441,3 +441,33 @@ def test_digits_default_end_to_end_on_real_data(tmp_path):
     assert m["methods"]["scones"]["background"] < 0.01 and m["background"]["pixels"] == 30, m["background"]
     buf = io.BytesIO((tmp_path / "run" / "samples_grid.png").read_bytes())
     assert Image.open(buf).size[0] > 0
+
+
+def test_score_expert_replaces_the_net_at_its_levels_outside_the_stage_key(tmp_path):
+    """score.expert: the fitted mixture's exact convolved score at σ ≥ sigma_min, the net below; fitted again when
+    the stage is loaded (same score), not part of the stage key; too many components for the data is a
+    ConfigError naming the key."""
+    from experiments import pipeline
+    from experiments.stages import make_stage
+    from scones.models.score import MixtureExpert
+
+    on = ["++score.expert.components=3", "++score.expert.sigma_min=0.3"]
+    cfg = _digits_cfg(tmp_path, *on)
+    spec = read_run(cfg)
+    assert make_stage(spec.training, spec.score).key == make_stage(
+        read_run(_digits_cfg(tmp_path)).training, read_run(_digits_cfg(tmp_path)).score).key
+    target = DigitsImages(size=16, subset="odd")
+    prior, stage = pipeline.score_stage(spec, target)
+    module = prior.module
+    assert isinstance(module.expert, MixtureExpert) and len(module.expert.mixture.weights64) == 3
+    sig = module.sigmas  # 4 levels 1 → 0.01: 1, 0.215, 0.046, 0.01
+    y = torch.rand(5, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(prior(y, 0), module.expert.mixture.convolved(float(sig[0])).score(y))
+        torch.testing.assert_close(prior(y, 1), module.sampling_net()(y, sig[1].expand(5)))
+    again, cached = pipeline.score_stage(spec, target)  # loaded from the cache: the same expert, refitted
+    assert cached.cached
+    with torch.no_grad():
+        torch.testing.assert_close(again(y, 0), prior(y, 0))
+    with pytest.raises(ConfigError, match=r"score\.expert\.components=5000 .* set score\.expert\.components=0"):
+        pipeline.score_stage(read_run(_digits_cfg(tmp_path, "++score.expert.components=5000")), target)

@@ -1,5 +1,6 @@
 from scones.data.distributions import (
     Distribution,
+    FullGaussianMixture,
     Gaussian,
     GaussianMixture,
     RandomGaussian,
@@ -9,6 +10,6 @@ from scones.data.distributions import (
 from scones.data.images import CelebAImages, DatasetNotFoundError, DigitsImages, MNISTImages, USPSImages
 
 __all__ = [
-    "CelebAImages", "DatasetNotFoundError", "DigitsImages", "Distribution", "Gaussian", "GaussianMixture",
-    "MNISTImages", "RandomGaussian", "StandardGaussian", "SwissRoll", "USPSImages",
+    "CelebAImages", "DatasetNotFoundError", "DigitsImages", "Distribution", "FullGaussianMixture", "Gaussian",
+    "GaussianMixture", "MNISTImages", "RandomGaussian", "StandardGaussian", "SwissRoll", "USPSImages",
 ]

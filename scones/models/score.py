@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from scones.data.distributions import FullGaussianMixture
 from scones.models.base import StageModule
 from scones.nets.ema import EMA
 
@@ -61,6 +62,37 @@ def dsm_loss(
     return (0.5 * (weight * (scores + z / sig_b).pow(2)).reshape(n, -1).sum(1)).mean()
 
 
+class MixtureExpert:
+    """The score of a fitted full-covariance Gaussian mixture convolved with N(0, σ²I), used instead of the
+    network at the large levels σ ≥ ``sigma_min`` (:attr:`ScoreModule.expert`).
+
+    At those levels the noise is larger than the distance between neighbouring training images, so the score has
+    to know the data's global shape (which digit, where its strokes go); a few-hundred-image score net trained
+    briefly learns it poorly and its unconditional samples join two shapes, while a mixture of a few dozen
+    Gaussians fitted by EM gets it in seconds and still generalises (its samples are not copies). The net keeps
+    the small levels, where it matches a perfect fit of its data (docs/images.md point 10).
+    """
+
+    def __init__(self, mixture: FullGaussianMixture, sigma_min: float) -> None:
+        if not sigma_min > 0:
+            raise ValueError(f"MixtureExpert.sigma_min must be > 0, got {sigma_min}")
+        self.mixture, self.sigma_min = mixture, float(sigma_min)
+
+    @classmethod
+    def fit(cls, x: Tensor, n_components: int, sigma_min: float, reg_covar: float = 1e-2,
+            seed: int = 0) -> MixtureExpert:
+        """EM fit of ``n_components`` full-covariance Gaussians to data ``x (n, *shape)``
+        (:meth:`scones.data.FullGaussianMixture.fit`)."""
+        return cls(FullGaussianMixture.fit(x, n_components, reg_covar=reg_covar, seed=seed), sigma_min)
+
+    def applies(self, sigma: float) -> bool:
+        return float(sigma) >= self.sigma_min
+
+    def score(self, y: Tensor, sigma: float) -> Tensor:
+        """∇ log (mixture ∗ N(0, σ²I))(y) for a batch ``(n, *shape)``."""
+        return self.mixture.convolved(float(sigma)).score(y)
+
+
 class ScoreModule(StageModule):
     """Trains a noise-conditional score network ``net(y, sigma)`` on target samples by DSM.
 
@@ -77,6 +109,10 @@ class ScoreModule(StageModule):
             net that predicts −z; a smaller p weights the small levels more, by (σ_1/σ_L)^(2−p) at the ends).
         lr_schedule: ``"constant"`` or ``"cosine"`` (Adam's rate decays to 0 over the trainer's ``max_steps``).
         callbacks: extra Lightning callbacks this module brings to its trainer (e.g. sample grids).
+
+    :attr:`expert` (a :class:`MixtureExpert`, None by default) replaces the network in :meth:`score` at the levels
+    it covers. It is not trained by DSM and not part of ``state_dict()``: the net still learns every level, and
+    whoever builds the module (the pipeline's score stage) fits the expert again in seconds when it loads one.
     """
 
     stage = "score"
@@ -99,6 +135,7 @@ class ScoreModule(StageModule):
         # ``_extra_state["ema"] = {decay, shadow}`` format (older final.pt files load); starts on the first step
         self._ema: list[EMA] = [] if ema_decay is None else [EMA(net, ema_decay)]
         self._extra_callbacks = list(callbacks or [])
+        self.expert: MixtureExpert | None = None
 
     @property
     def ema(self) -> EMA | None:
@@ -149,4 +186,6 @@ class ScoreModule(StageModule):
             sigma = torch.full((y.shape[0],), level, dtype=y.dtype, device=y.device)
         else:
             sigma = self.sigmas[level].to(y.dtype).expand(y.shape[0])
+        if self.expert is not None and self.expert.applies(sigma[0]):
+            return self.expert.score(y, float(sigma[0]))
         return self.sampling_net()(y, sigma)

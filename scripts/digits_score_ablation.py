@@ -8,7 +8,8 @@ overrides and reports, as one JSON line (appended to ``--json`` with ``--label``
   :func:`experiments.images.background_mask`; 0 = a perfect denoiser there, since the target images are 0 on them)
   and on the other pixels (``fg``), beside the noise's own mean |σ_i z| (``noise``); and ``offset``: the share of a
   uniform background offset δ = σ_i (ỹ + δ on the background) that D leaves (1 = ignores it, 0 = removes it);
-* ``uncond``: ``--n`` unconditional samples of the score alone, annealed Langevin from U[0, 1] over all levels
+* ``uncond``: ``--n`` unconditional samples of the score model (with ``score.expert`` on, the expert at its levels;
+  ``uncond_net`` then has the same chains with the net at every level), annealed Langevin from U[0, 1] over all levels
   with the score grid's sampler (``eval.score_grid``: step_lr, n_steps_each) and the final denoising step, their
   background statistic ``bg`` (mean |y| on the background, :func:`experiments.images.background_stats`; also before
   the denoising step), feature FID / KID against the evaluation's held-out target images
@@ -136,26 +137,17 @@ def main() -> None:
 
     # unconditional samples of the score alone: the score grid's sampler over the whole schedule, from U[0, 1]
     sg = spec.eval.settings.score_grid
-    g = torch.Generator().manual_seed(int(spec.seed) + 600)
-    t0 = time.process_time()
-    y0 = torch.rand((args.n, *target.shape), generator=g)
-    raw = annealed_langevin(module.score, y0, sigmas, float(sg.step_lr), int(sg.n_steps_each), denoise=False,
-                            skip_levels=int(sg.skip_levels), disable=True, generator=g)
-    with torch.no_grad():
-        y = raw + float(sigmas[-1]) ** 2 * module.score(raw, len(sigmas) - 1)
-    cpu["uncond_sampling"] = round(time.process_time() - t0, 1)
-    d = fd({"uncond": y})
-    with torch.no_grad():
-        pred = clf(y.clamp(0, 1)).argmax(1)
     train_flat = target.images.flatten(1)
-    result["uncond"] = {
-        "n": args.n, "step_lr": float(sg.step_lr), "n_steps_each": int(sg.n_steps_each),
-        "bg": images.background_stats(y, mask), "bg_before_denoise": images.background_stats(raw, mask)["abs"],
-        "ffid": d["fid"]["uncond"], "fkid": d["kid"]["uncond"]["mean"],
-        "class_share": [round(float((pred == c).float().mean()), 3) for c in range(10)],
-        "out_of_range": float(((y < -0.05) | (y > 1.05)).float().mean()),
-        **readability(clf, y, train_flat),
-    }
+    t0 = time.process_time()
+    y, result["uncond"], d = unconditional(module, target, sigmas, sg, spec, args.n, mask, fd, clf, train_flat)
+    cpu["uncond_sampling"] = round(time.process_time() - t0, 1)
+    if module.expert is not None:  # the same chains with the net at every level (score.expert off)
+        expert, module.expert = module.expert, None
+        y_net, result["uncond_net"], _ = unconditional(module, target, sigmas, sg, spec, args.n, mask, fd, clf,
+                                                       train_flat)
+        module.expert = expert
+        result["expert"] = {"components": len(expert.mixture.weights64), "sigma_min": expert.sigma_min}
+        (args.out / f"{args.label}_net.png").write_bytes(images.grid_png(y_net[:64], nrow=8))
     heldout = trained["heldout_images"]
     result["reference"] = {
         "target_bg": images.background_stats(target.images, mask), "ffid_floor": d["fid"]["target_floor"],
@@ -179,6 +171,27 @@ def main() -> None:
     if args.json:
         with args.json.open("a") as f:
             f.write(json.dumps(result) + "\n")
+
+
+def unconditional(module, target, sigmas, sg, spec, n, mask, fd, clf, train_flat) -> tuple[torch.Tensor, dict, dict]:
+    """``n`` unconditional samples of ``module.score`` (seeded chains from U[0, 1], the score grid's sampler, then
+    the Tweedie denoising step), their statistics and the feature distances (with the floor)."""
+    g = torch.Generator().manual_seed(int(spec.seed) + 600)
+    y0 = torch.rand((n, *target.shape), generator=g)
+    raw = annealed_langevin(module.score, y0, sigmas, float(sg.step_lr), int(sg.n_steps_each), denoise=False,
+                            skip_levels=int(sg.skip_levels), disable=True, generator=g)
+    with torch.no_grad():
+        y = raw + float(sigmas[-1]) ** 2 * module.score(raw, len(sigmas) - 1)
+        pred = clf(y.clamp(0, 1)).argmax(1)
+    d = fd({"uncond": y})
+    return y, {
+        "n": n, "step_lr": float(sg.step_lr), "n_steps_each": int(sg.n_steps_each),
+        "bg": images.background_stats(y, mask), "bg_before_denoise": images.background_stats(raw, mask)["abs"],
+        "ffid": d["fid"]["uncond"], "fkid": d["kid"]["uncond"]["mean"],
+        "class_share": [round(float((pred == c).float().mean()), 3) for c in range(10)],
+        "out_of_range": float(((y < -0.05) | (y > 1.05)).float().mean()),
+        **readability(clf, y, train_flat),
+    }, d
 
 
 @torch.no_grad()

@@ -252,3 +252,23 @@ def test_full_gaussian_mixture_matches_torch_and_its_fit():
                                rtol=0)
     with pytest.raises(ValueError, match="positive definite"):
         FullGaussianMixture(means[:1], torch.zeros(1, d, d))
+
+
+def test_mixture_expert_moves_its_mixture_to_the_chains_device_once():
+    """MixtureExpert.score on a batch: the convolved mixture's exact score, with the mixture's tensors held once per
+    device (``FullGaussianMixture.to``); the moved copy scores the same."""
+    from scones.data import FullGaussianMixture
+    from scones.models.score import MixtureExpert
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(600, 5, generator=g) * torch.linspace(0.2, 1.0, 5) + (torch.rand(600, 1, generator=g) > 0.5) * 3
+    expert = MixtureExpert.fit(x, 2, sigma_min=0.3, reg_covar=1e-4, seed=0)
+    assert not expert.applies(0.29) and expert.applies(0.3)
+    y = torch.randn(7, 5, generator=g)
+    torch.testing.assert_close(expert.score(y, 0.5), expert.mixture.convolved(0.5).score(y))
+    assert list(expert._on_device) == [y.device]
+    moved = expert.mixture.to("cpu")
+    assert isinstance(moved, FullGaussianMixture)
+    torch.testing.assert_close(moved.log_prob(y), expert.mixture.log_prob(y))
+    with pytest.raises(ValueError, match="sigma_min"):
+        MixtureExpert(expert.mixture, 0.0)

@@ -200,16 +200,25 @@ class FullGaussianMixture(Distribution):
         return FullGaussianMixture(self.means64, None, self.weights64,
                                    _eig=(self.evals + float(sigma) ** 2, self.evecs))
 
+    def to(self, device) -> FullGaussianMixture:
+        """The same mixture with its tensors on ``device`` (scores are computed where ``y`` lives)."""
+        return FullGaussianMixture(self.means64.to(device), None, self.weights64.to(device),
+                                   _eig=(self.evals.to(device), self.evecs.to(device)))
+
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        idx = torch.multinomial(self.weights64, n, replacement=True, generator=generator)
-        z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64) * self.evals[idx].sqrt()
-        return (self.means64[idx] + torch.einsum("nde,ne->nd", self.evecs[idx], z)).float()
+        w, evals, evecs, means = (t.cpu() for t in (self.weights64, self.evals, self.evecs, self.means64))
+        idx = torch.multinomial(w, n, replacement=True, generator=generator)
+        z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64) * evals[idx].sqrt()
+        out = torch.empty(n, self.dim, dtype=torch.float64)
+        for k in idx.unique().tolist():  # a loop over the few components, each a matrix product over its samples
+            rows = idx == k
+            out[rows] = means[k] + z[rows] @ evecs[k].T
+        return out.float()
 
     def _components(self, y: Tensor) -> tuple[Tensor, Tensor]:
         """(log w_k + log N(y; m_k, C_k) ``(n, k)``, U_kᵀ(y − m_k)/λ_k ``(k, n, d)``), in float64."""
         y64 = y.reshape(y.shape[0], -1).to(torch.float64)
-        evecs, evals = self.evecs.to(y64.device), self.evals.to(y64.device)
-        means = self.means64.to(y64.device)
+        evecs, evals, means = (t.to(y64.device) for t in (self.evecs, self.evals, self.means64))  # no-op if there
         proj = y64 @ evecs - (means[:, None, :] @ evecs)  # (k, n, d): U_kᵀ(y − m_k), batched matrix products
         scaled = proj / evals[:, None, :]
         maha = (proj * scaled).sum(-1).T

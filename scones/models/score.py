@@ -77,6 +77,7 @@ class MixtureExpert:
         if not sigma_min > 0:
             raise ValueError(f"MixtureExpert.sigma_min must be > 0, got {sigma_min}")
         self.mixture, self.sigma_min = mixture, float(sigma_min)
+        self._on_device: dict = {}  # the mixture's tensors moved once to each device the chains run on
 
     @classmethod
     def fit(cls, x: Tensor, n_components: int, sigma_min: float, reg_covar: float = 1e-2,
@@ -90,7 +91,9 @@ class MixtureExpert:
 
     def score(self, y: Tensor, sigma: float) -> Tensor:
         """∇ log (mixture ∗ N(0, σ²I))(y) for a batch ``(n, *shape)``."""
-        return self.mixture.convolved(float(sigma)).score(y)
+        if y.device not in self._on_device:
+            self._on_device[y.device] = self.mixture.to(y.device)
+        return self._on_device[y.device].convolved(float(sigma)).score(y)
 
 
 class ScoreModule(StageModule):

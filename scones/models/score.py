@@ -184,7 +184,8 @@ class ScoreModule(StageModule):
         return self.ema.averaged(self.net)
 
     def score(self, y: Tensor, level: int | float) -> Tensor:
-        """s_θ(y, σ) for a whole batch: ``level`` an int index into ``sigmas`` or a float σ."""
+        """s_θ(y, σ) for a whole batch: ``level`` an int index into ``sigmas`` or a float σ; at σ ≥
+        ``expert.sigma_min`` the :attr:`expert`'s score instead of the network's."""
         if isinstance(level, float):
             sigma = torch.full((y.shape[0],), level, dtype=y.dtype, device=y.device)
         else:

@@ -453,9 +453,8 @@ def test_score_expert_replaces_the_net_at_its_levels_outside_the_stage_key(tmp_p
 
     on = ["++score.expert.components=3", "++score.expert.sigma_min=0.3"]
     cfg = _digits_cfg(tmp_path, *on)
-    spec = read_run(cfg)
-    assert make_stage(spec.training, spec.score).key == make_stage(
-        read_run(_digits_cfg(tmp_path)).training, read_run(_digits_cfg(tmp_path)).score).key
+    spec, off = read_run(cfg), read_run(_digits_cfg(tmp_path))
+    assert make_stage(spec.training, spec.score).key == make_stage(off.training, off.score).key
     target = DigitsImages(size=16, subset="odd")
     prior, stage = pipeline.score_stage(spec, target)
     module = prior.module

@@ -49,17 +49,16 @@ def dsm_loss(
     sig = sigmas[labels]
     sig_b = sig.view(n, *([1] * (y.ndim - 1)))
     z = torch.randn(y.shape, device=y.device, dtype=y.dtype, generator=generator)
-    scores = net(y + sig_b * z, sig)
+    sq = (net(y + sig_b * z, sig) + z / sig_b).pow(2)
     weight = net.dsm_weight(sig, y) if hasattr(net, "dsm_weight") else None
     if weight is None:
-        sq = (scores + z / sig_b).pow(2).reshape(n, -1).sum(1)
-        return (0.5 * sq * sig.pow(anneal_power)).mean()
+        return (0.5 * sq.reshape(n, -1).sum(1) * sig.pow(anneal_power)).mean()
     if anneal_power != 2.0:
         raise ValueError(
             f"{type(net).__name__} weights its own DSM loss (dsm_weight, e.g. NCSN preconditioning='gaussian'); "
             f"anneal_power={anneal_power} would be ignored: leave score.anneal_power at 2"
         )
-    return (0.5 * (weight * (scores + z / sig_b).pow(2)).reshape(n, -1).sum(1)).mean()
+    return (0.5 * (weight * sq).reshape(n, -1).sum(1)).mean()
 
 
 class MixtureExpert:
